@@ -1,0 +1,43 @@
+"""The error funnel shared by every command-line tool.
+
+A CLI module defines ``build_parser()`` (cheap: argparse only) and ``run(args)`` (does the
+work, with heavy imports inside). :func:`main` wires them: user errors become one line on
+stderr and exit 1; ``--debug`` re-raises to show the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from mllm_deploy.core.errors import MllmError
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def main(
+    prog: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    parser = build_parser()
+    add_common_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        code = run(args)
+    except MllmError as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

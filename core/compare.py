@@ -1,0 +1,84 @@
+"""One place that decides whether two runs agree (Polygraphy's comparator is the model).
+
+A :class:`Tolerance` per output name (with a default), a chosen error statistic, and a
+result that says which output failed and by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float = 0.0
+
+    def limit(self, reference: np.ndarray) -> float:
+        """Allowed max abs error: atol + rtol * the reference's largest magnitude."""
+        return self.atol + self.rtol * float(np.max(np.abs(reference))) if reference.size else self.atol
+
+
+# fp32 graphs must match the PyTorch model to 1e-4 in logits (issue 2); fp16 graphs are
+# compared against the same fp32 PyTorch model, so their limit scales with the logit range.
+DEFAULT_TOLERANCES = {
+    "float32": Tolerance(atol=1e-4),
+    "float16": Tolerance(atol=1e-2, rtol=1e-2),
+}
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    max_abs_error: float
+    limit: float
+    shape_ok: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.shape_ok and np.isfinite(self.max_abs_error) and self.max_abs_error <= self.limit
+
+
+@dataclass
+class Comparison:
+    outputs: list[OutputComparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def worst(self) -> OutputComparison | None:
+        failing = [o for o in self.outputs if not o.ok]
+        pool = failing or self.outputs
+        return max(pool, key=lambda o: o.max_abs_error / max(o.limit, 1e-30)) if pool else None
+
+    def summary(self) -> str:
+        worst = self.worst()
+        if worst is None:
+            return "nothing compared"
+        verdict = "agree" if self.ok else "DISAGREE"
+        return (f"{verdict}: {len(self.outputs)} outputs, worst {worst.name} max abs error "
+                f"{worst.max_abs_error:.3g} (limit {worst.limit:.3g})")
+
+
+def compare_outputs(
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    tolerance: Tolerance,
+    per_output: dict[str, Tolerance] | None = None,
+) -> Comparison:
+    result = Comparison()
+    for name, ref in reference.items():
+        tol = (per_output or {}).get(name, tolerance)
+        out = candidate.get(name)
+        if out is None or np.shape(out) != np.shape(ref):
+            result.outputs.append(OutputComparison(name, float("inf"), tol.limit(np.asarray(ref)), shape_ok=False))
+            continue
+        ref64, out64 = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        err = float(np.max(np.abs(ref64 - out64))) if ref64.size else 0.0
+        if not np.all(np.isfinite(out64)):
+            err = float("inf")
+        result.outputs.append(OutputComparison(name, err, tol.limit(ref64)))
+    return result

@@ -1,0 +1,1 @@
+"""Hugging Face LLaVA model -> ONNX graphs (vision, prefill, decode) with a recipe applied."""

@@ -1,0 +1,36 @@
+"""export-mllm: Hugging Face LLaVA model -> ONNX bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mllm_deploy.core import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="export-mllm", description=__doc__)
+    p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory or a built-in name (tiny-llava)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-21; default 17)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the check of the ONNX graphs against the PyTorch model")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force)
+    export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main("export-mllm", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""A small ONNX graph builder: hierarchical node names, typed inputs/outputs, shared weights.
+
+Graphs are written op by op (rather than traced) so that every node has a stable,
+hierarchical name (``/model/layers.3/attn/MatMul``) a profile or a TensorRT layer
+precision override can refer to, and so that nothing the recipe does is left to an
+exporter's choices.
+
+Weights are not embedded: every graph of a bundle references one shared ``weights.bin``
+through ONNX external data, so prefill and decode do not each carry a copy of the LLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ONNX_DTYPE = {
+    np.dtype("float32"): TensorProto.FLOAT,
+    np.dtype("float16"): TensorProto.FLOAT16,
+    np.dtype("int64"): TensorProto.INT64,
+    np.dtype("int32"): TensorProto.INT32,
+    np.dtype("bool"): TensorProto.BOOL,
+}
+ALIGNMENT = 64  # bytes; keeps every tensor in weights.bin aligned for mmap-based loaders
+SMALL_CONSTANT_BYTES = 1024  # below this a constant is embedded in the graph
+
+
+class WeightStore:
+    """Appends arrays to one binary file and hands out ONNX external-data references.
+
+    The same array name is written once, whichever graphs use it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handle = open(self.path, "wb")
+        self._offset = 0
+        self._entries: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        if name not in self._entries:
+            pad = (-self._offset) % ALIGNMENT
+            if pad:
+                self._handle.write(b"\0" * pad)
+                self._offset += pad
+            data = array.tobytes()
+            self._handle.write(data)
+            self._entries[name] = (self._offset, len(data), array.dtype, array.shape)
+            self._offset += len(data)
+        offset, length, dtype, shape = self._entries[name]
+        if dtype != array.dtype or shape != array.shape:
+            raise ValueError(f"weight {name} stored twice with different dtype/shape")
+        proto = TensorProto()
+        proto.name = name
+        proto.data_type = ONNX_DTYPE[dtype]
+        proto.dims.extend(shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class GraphBuilder:
+    """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
+
+    def __init__(self, name: str, opset: int, weights: WeightStore | None = None):
+        self.name = name
+        self.opset = opset
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._scope: list[str] = []
+        self._used_names: dict[str, int] = {}
+        self._initializer_names: set[str] = set()
+        self.custom_domains: dict[str, int] = {}
+
+    # ---- naming -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _unique(self, base: str) -> str:
+        count = self._used_names.get(base, 0)
+        self._used_names[base] = count + 1
+        return base if count == 0 else f"{base}_{count}"
+
+    def node_name(self, op_type: str, name: str | None = None) -> str:
+        return self._unique("/" + "/".join([*self._scope, name or op_type]))
+
+    # ---- graph pieces ----------------------------------------------------------------------
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        name: str | None = None,
+        outputs: int | Sequence[str] = 1,
+        domain: str = "",
+        **attrs,
+    ) -> str | list[str]:
+        node_name = self.node_name(op_type, name)
+        if isinstance(outputs, int):
+            out_names = [f"{node_name}/output_{i}" for i in range(outputs)]
+        else:
+            out_names = list(outputs)
+        node = helper.make_node(op_type, list(inputs), out_names, name=node_name, domain=domain or None, **attrs)
+        self.nodes.append(node)
+        return out_names[0] if len(out_names) == 1 else out_names
+
+    def const(self, value, name: str | None = None, dtype=None) -> str:
+        """A constant tensor: small ones embedded, large ones in weights.bin."""
+        array = np.asarray(value, dtype=dtype)
+        tensor_name = name or self.node_name("Constant").lstrip("/").replace("/", ".")
+        if tensor_name in self._initializer_names:
+            return tensor_name
+        if self.weights is not None and array.nbytes > SMALL_CONSTANT_BYTES:
+            proto = self.weights.tensor(tensor_name, array)
+        else:
+            proto = numpy_helper.from_array(array, tensor_name)
+        self.initializers.append(proto)
+        self._initializer_names.add(tensor_name)
+        return tensor_name
+
+    def ints(self, values: Sequence[int]) -> str:
+        """An int64 1-D constant, named by its value so repeats are shared."""
+        values = [int(v) for v in values]
+        key = "const.i64." + "_".join(str(v).replace("-", "m") for v in values)
+        return self.const(np.array(values, dtype=np.int64), name=key)
+
+    def scalar(self, value: float, dtype: np.dtype) -> str:
+        array = np.array(value, dtype=dtype)
+        key = f"const.{np.dtype(dtype).name}.{float(value)!r}".replace("-", "m")
+        return self.const(array, name=key)
+
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, tensor: str, name: str, elem_type: int, shape: Sequence[int | str]) -> None:
+        self.op("Identity", [tensor], name=f"output/{name}", outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    # ---- common op helpers (opset-dependent spellings live here) ---------------------------
+    def reduce_mean(self, x: str, axes: Sequence[int], keepdims: int = 1) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", [x, self.ints(axes)], keepdims=keepdims)
+        return self.op("ReduceMean", [x], axes=list(axes), keepdims=keepdims)
+
+    def reshape(self, x: str, shape: Sequence[int]) -> str:
+        return self.op("Reshape", [x, self.ints(shape)])
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        return self.op("Transpose", [x], perm=list(perm))
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", [x, self.ints(axes)])
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Squeeze", [x, self.ints(axes)])
+
+    def slice(self, x: str, starts: str, ends: str, axes: Sequence[int]) -> str:
+        return self.op("Slice", [x, starts, ends, self.ints(axes)])
+
+    def split(self, x: str, sizes: Sequence[int], axis: int) -> list[str]:
+        """Split into pieces of the given sizes (opset 18 made the count an attribute)."""
+        return self.op("Split", [x, self.ints(sizes)], outputs=len(sizes), axis=axis)
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", [x], to=to)
+
+    def make_model(self, producer: str = "mllm-deploy") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", self.opset)]
+        opsets += [helper.make_opsetid(domain, version) for domain, version in sorted(self.custom_domains.items())]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
+        model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16 and TensorRT 10
+        return model

@@ -1,0 +1,193 @@
+"""export-mllm's work: HF LLaVA directory -> bundle/ (vision, prefill, decode, tokenizer, manifest).
+
+The bundle is assembled in a temporary directory beside the target and renamed into place
+only after it verified, so an interrupted or failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mllm_deploy import __version__
+from mllm_deploy.core.errors import InputFileError, MllmError, UnsupportedModelError, VerificationError
+from mllm_deploy.models.registry import load_spec
+from mllm_deploy.models.spec import ModelSpec
+
+SUPPORTED_OPSETS = range(17, 22)
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "float32"
+    opset: int = 17
+    verify: bool = True
+    force: bool = False
+
+
+def dense_recipe(spec: ModelSpec) -> dict:
+    """The recipe that keeps every visual token in every layer."""
+    return {
+        "schema": "mllm-deploy/recipe@1",
+        "method": {"name": "dense"},
+        "visual_tokens": [spec.visual_tokens] * spec.text.num_layers,
+    }
+
+
+def _load_hf(model_dir: Path, dtype: str):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
+        )
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _write_tokenizer(model_dir: Path, target: Path) -> dict:
+    """Save a fast tokenizer (tokenizer.json) and the chat template; describe them for the manifest."""
+    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
+
+    target.mkdir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{model_dir} has no loadable tokenizer: {str(exc).splitlines()[0]}") from None
+    tokenizer.save_pretrained(target)
+    if not (target / "tokenizer.json").is_file():
+        raise UnsupportedModelError(f"the tokenizer of {model_dir} has no fast (tokenizer.json) form")
+    template = None
+    try:
+        template = AutoProcessor.from_pretrained(model_dir, local_files_only=True).chat_template
+    except (OSError, ValueError, TypeError):
+        pass
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        raise UnsupportedModelError(f"{model_dir} has no chat template; add chat_template.jinja to the model directory")
+    (target / "chat_template.jinja").write_text(template)
+    eos = []
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    except OSError:
+        pass
+    eos = [int(e) for e in eos if e is not None] or [int(tokenizer.eos_token_id)]
+    special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {
+        "dir": "tokenizer",
+        "file": "tokenizer/tokenizer.json",
+        "chat_template": "tokenizer/chat_template.jinja",
+        "special_tokens": {k: v for k, v in special.items() if v is not None},
+        "image_token": "<image>",
+        "eos_token_ids": eos,
+    }
+
+
+def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path):
+    import onnx
+
+    from mllm_deploy.export.graph import GraphBuilder, WeightStore
+    from mllm_deploy.export.manifest import graph_entry
+    from mllm_deploy.export.text_graphs import build_decode_graph, build_prefill_graph
+    from mllm_deploy.export.vision_graph import build_vision_graph
+    from mllm_deploy.export.weights import rope_tables
+
+    ft = onnx.TensorProto.FLOAT if dtype == "float32" else onnx.TensorProto.FLOAT16
+    t = spec.text
+    cos, sin = rope_tables(t.head_dim, t.rope_theta, t.rope_scaling_factor, t.max_position_embeddings)
+    rope = (cos.astype(DTYPES[dtype]), sin.astype(DTYPES[dtype]))
+    store = WeightStore(out_dir / "weights.bin")
+    entries = {}
+    try:
+        for name, build in (("vision", build_vision_graph), ("prefill", build_prefill_graph), ("decode", build_decode_graph)):
+            g = GraphBuilder(name, opset, store)
+            if name == "vision":
+                build(g, spec, weights, ft)
+            else:
+                build(g, spec, weights, rope, ft)
+            model = g.make_model()
+            onnx.save(model, out_dir / f"{name}.onnx")
+            entries[name] = graph_entry(model, f"{name}.onnx")
+    finally:
+        store.close()
+    return entries
+
+
+def _producer_versions() -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    return {"mllm_deploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__}
+
+
+def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(), log=print) -> Path:
+    from mllm_deploy.export.manifest import BUNDLE_SCHEMA, file_hashes
+    from mllm_deploy.export.verify import verify_bundle
+    from mllm_deploy.export.weights import collect_weights
+    from mllm_deploy.export.vision_graph import vision_layers_used
+    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+
+    if options.dtype not in DTYPES:
+        raise MllmError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
+    if options.opset not in SUPPORTED_OPSETS:
+        raise MllmError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1}")
+    output = Path(output)
+    if output.exists() and not options.force:
+        raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
+    model_dir, spec = load_spec(model)
+    image_config = ImagePreprocessConfig.from_model_dir(model_dir)
+    hf_model = _load_hf(model_dir, options.dtype)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial.", dir=output.parent))
+    try:
+        log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset})")
+        weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
+        graphs = _graphs(spec, weights, options.dtype, options.opset, tmp)
+        tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
+        manifest = {
+            "schema": BUNDLE_SCHEMA,
+            "producer": _producer_versions(),
+            "source_model": str(model),
+            "dtype": options.dtype,
+            "model": {**spec.to_dict(), "visual_tokens": spec.visual_tokens},
+            "recipe": dense_recipe(spec),
+            "graphs": graphs,
+            "weights": "weights.bin",
+            "kv_cache": {
+                "layout": "[1, num_kv_heads, length, head_dim] per layer",
+                "formula": "kv_len[l] = prompt_len - visual_tokens + recipe.visual_tokens[l]",
+                "decode": "static buffers; decode writes new.{l}.* at slot past_lengths[l]",
+            },
+            "tokenizer": tokenizer,
+            "image": image_config.to_dict(),
+        }
+        manifest["files"] = file_hashes(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if options.verify:
+            comparison = verify_bundle(tmp, hf_model, spec, options.dtype)
+            log(f"verify: {comparison.summary()}")
+            if not comparison.ok:
+                raise VerificationError(
+                    f"exported graphs disagree with the PyTorch model ({comparison.summary()});"
+                    " no bundle written (--no-verify skips this check)"
+                )
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,46 @@
+"""bundle/manifest.json (schema ``mllm-deploy/bundle@1``): written here, read by runtime/bundle.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from mllm_deploy.core.hashing import sha256_file
+
+BUNDLE_SCHEMA = "mllm-deploy/bundle@1"
+
+_DTYPE_NAMES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def _value_infos(values) -> list[dict]:
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        out.append({"name": value.name, "dtype": _DTYPE_NAMES[tensor.elem_type], "shape": dims})
+    return out
+
+
+def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
+    return {
+        "file": file_name,
+        "inputs": _value_infos(model.graph.input),
+        "outputs": _value_infos(model.graph.output),
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def file_hashes(bundle_dir: Path) -> dict[str, str]:
+    """sha256 of every file in the bundle except the manifest itself, by relative path."""
+    hashes = {}
+    for path in sorted(bundle_dir.rglob("*")):
+        if path.is_file() and path.name != "manifest.json":
+            hashes[path.relative_to(bundle_dir).as_posix()] = sha256_file(path)
+    return hashes

@@ -1,0 +1,1 @@
+"""Model resolution: built-in model names, local Hugging Face directories, supported architectures."""

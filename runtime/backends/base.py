@@ -1,0 +1,71 @@
+"""The runner interface every backend implements."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+class Runner(ABC):
+    """Runs one graph. ``infer`` checks the feed against the manifest's metadata first.
+
+    Runners are context managers: ``activate`` loads (session, engine), ``deactivate`` frees.
+    """
+
+    def __init__(self, graph_path: Path, io: dict[str, list[dict]], name: str):
+        self.graph_path = Path(graph_path)
+        self.io = io
+        self.name = name
+        self.is_active = False
+        self.last_inference_ms = 0.0
+        self._inputs = {entry["name"]: entry for entry in io["inputs"]}
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise RuntimeError(f"runner {self.name} used before activate()")
+        missing = set(self._inputs) - set(feed)
+        extra = set(feed) - set(self._inputs)
+        if missing or extra:
+            raise ValueError(f"{self.name}: feed mismatch, missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name, array in feed.items():
+            meta = self._inputs[name]
+            if array.dtype != NP_DTYPES[meta["dtype"]]:
+                raise ValueError(f"{self.name}: input {name} has dtype {array.dtype}, graph wants {meta['dtype']}")
+            shape = meta["shape"]
+            if len(shape) != array.ndim or any(isinstance(d, int) and d != s for d, s in zip(shape, array.shape)):
+                raise ValueError(f"{self.name}: input {name} has shape {array.shape}, graph wants {shape}")
+        start = time.perf_counter()
+        outputs = self.infer_impl(feed)
+        self.last_inference_ms = (time.perf_counter() - start) * 1e3
+        return outputs
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

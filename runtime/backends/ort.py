@@ -1,0 +1,50 @@
+"""ONNX Runtime backend (CPU by default; CUDA when the provider is installed and asked for)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mllm_deploy.core.errors import BundleError, DependencyError
+from mllm_deploy.runtime.backends.base import Runner
+
+
+class OrtRunner(Runner):
+    def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
+                 profile: bool = False):
+        super().__init__(graph_path, io, name)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self.profile = profile
+        self.session = None
+        self._output_names = [entry["name"] for entry in io["outputs"]]
+
+    def activate_impl(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover - a core dependency
+            raise DependencyError("onnxruntime is not installed; pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        elif os.environ.get("MLLM_DEPLOY_THREADS"):
+            options.intra_op_num_threads = int(os.environ["MLLM_DEPLOY_THREADS"])
+        options.enable_profiling = self.profile
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.graph_path), options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"onnxruntime cannot load {self.graph_path.name}: {first_line}") from None
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, feed)
+        return dict(zip(self._output_names, values))
+
+    def end_profiling(self) -> str | None:
+        return self.session.end_profiling() if self.profile and self.session is not None else None

@@ -1,0 +1,149 @@
+"""vision -> prefill -> decode over a bundle's three graphs, with a static per-layer KV cache.
+
+Short enough to read in one screen (gpt-fast's ``generate.py`` is the model): prompt ids and
+pixel values in, token ids out, timings recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from mllm_deploy.core.errors import PromptError
+from mllm_deploy.runtime.backends import runner_class
+from mllm_deploy.runtime.backends.base import NP_DTYPES
+from mllm_deploy.runtime.bundle import Bundle
+from mllm_deploy.runtime.kv import StaticKVCache
+from mllm_deploy.runtime.sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class Timings:
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"vision_ms": self.vision_ms, "prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms,
+                "total_ms": self.total_ms}
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prompt_tokens: int
+    timings: Timings
+    stop_reason: str  # "eos" or "length"
+
+
+class Generator:
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", **backend_options):
+        self.bundle = bundle
+        cls = runner_class(backend)
+        self.runners = {
+            graph: cls(bundle.graph_path(graph), bundle.graph_io(graph), graph, **backend_options)
+            for graph in ("vision", "prefill", "decode")
+        }
+        model = bundle.manifest["model"]
+        self.float_dtype = NP_DTYPES[bundle.dtype]
+        self.num_kv_heads = int(model["text"]["num_kv_heads"])
+        self.head_dim = int(model["text"]["head_dim"])
+        self.max_positions = int(model["text"]["max_position_embeddings"])
+        self.image_token_id = int(model["image_token_id"])
+        self.eos_ids = set(bundle.manifest["tokenizer"]["eos_token_ids"])
+
+    def __enter__(self) -> "Generator":
+        for runner in self.runners.values():
+            runner.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+
+    # ---- the three graphs -----------------------------------------------------------------
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = self.runners["vision"].infer({"pixel_values": pixel_values.astype(self.float_dtype, copy=False)})
+        return out["image_features"]
+
+    def image_start(self, input_ids: np.ndarray) -> int:
+        """Index of the first image placeholder; the placeholder run must be exactly N long."""
+        where = np.flatnonzero(input_ids[0] == self.image_token_id)
+        n = self.bundle.visual_tokens
+        if len(where) != n or (len(where) and where[-1] - where[0] != n - 1):
+            raise PromptError(
+                f"the prompt must hold one run of {n} image tokens (id {self.image_token_id}), found {len(where)}"
+            )
+        return int(where[0])
+
+    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray, capacity_extra: int) -> tuple[np.ndarray, StaticKVCache]:
+        start = self.image_start(input_ids)
+        out = self.runners["prefill"].infer({
+            "input_ids": input_ids.astype(np.int64, copy=False),
+            "image_features": image_features,
+            "image_start": np.array([start], dtype=np.int64),
+        })
+        kv_lengths = self.bundle.kv_lengths(input_ids.shape[1])
+        cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra for n in kv_lengths], self.float_dtype)
+        for layer in range(self.bundle.num_layers):
+            cache.fill(layer, out[f"present.{layer}.key"], out[f"present.{layer}.value"])
+        return out["logits"][0], cache
+
+    def decode(self, token: int, position: int, cache: StaticKVCache) -> np.ndarray:
+        feed = cache.decode_feed()
+        feed["input_ids"] = np.array([[token]], dtype=np.int64)
+        feed["position_ids"] = np.array([[position]], dtype=np.int64)
+        out = self.runners["decode"].infer(feed)
+        for layer in range(self.bundle.num_layers):
+            cache.append(layer, out[f"new.{layer}.key"], out[f"new.{layer}.value"])
+        cache.advance()
+        return out["logits"][0]
+
+    # ---- the loop --------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray,
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        prompt_len = int(input_ids.shape[1])
+        if prompt_len + max_new_tokens > self.max_positions:
+            raise PromptError(
+                f"prompt ({prompt_len} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's"
+                f" context of {self.max_positions} positions"
+            )
+        timings = Timings()
+        sampler = Sampler(sampling)
+        t0 = time.perf_counter()
+        features = self.encode_image(pixel_values)
+        t1 = time.perf_counter()
+        logits, cache = self.prefill(input_ids, features, capacity_extra=max_new_tokens)
+        t2 = time.perf_counter()
+        timings.vision_ms, timings.prefill_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        tokens: list[int] = []
+        stop_reason = "length"
+        for step in range(max_new_tokens):
+            token = sampler(logits)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in self.eos_ids:
+                stop_reason = "eos"
+                break
+            if step == max_new_tokens - 1:
+                break
+            ts = time.perf_counter()
+            # pruned tokens keep their original positions, so decode continues after the full prompt
+            logits = self.decode(token, prompt_len + step, cache)
+            timings.decode_ms.append((time.perf_counter() - ts) * 1e3)
+        timings.total_ms = (time.perf_counter() - t0) * 1e3
+        return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason)

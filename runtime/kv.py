@@ -1,0 +1,50 @@
+"""Per-layer static KV cache: one preallocated buffer per layer, its own capacity each.
+
+After prefill, layer ``l`` holds ``kv_len[l]`` entries (pruned layers hold fewer); each
+decode step writes one new entry per layer in place. Nothing is ever re-concatenated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class StaticKVCache:
+    def __init__(self, num_kv_heads: int, head_dim: int, capacities: list[int], dtype: np.dtype):
+        self.capacities = list(capacities)
+        shape = lambda cap: (1, num_kv_heads, cap, head_dim)  # noqa: E731 - [1, Hkv, C_l, Dh]
+        # zeros, not empty: masked slots are multiplied by exactly 0 and must not hold NaN/Inf
+        self.keys = [np.zeros(shape(c), dtype=dtype) for c in capacities]
+        self.values = [np.zeros(shape(c), dtype=dtype) for c in capacities]
+        self.lengths = np.zeros(len(capacities), dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def fill(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Copy a layer's prefill KV ([1, Hkv, n, Dh]) into the front of its buffer."""
+        n = key.shape[2]
+        if n > self.capacities[layer]:
+            raise ValueError(f"layer {layer}: {n} prefill entries exceed capacity {self.capacities[layer]}")
+        self.keys[layer][:, :, :n] = key
+        self.values[layer][:, :, :n] = value
+        self.lengths[layer] = n
+
+    def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Write one decode step's entry ([1, Hkv, 1, Dh]) at the layer's next free slot."""
+        slot = int(self.lengths[layer])
+        if slot >= self.capacities[layer]:
+            raise ValueError(f"layer {layer}: KV cache full ({self.capacities[layer]} entries)")
+        self.keys[layer][:, :, slot] = key[:, :, 0]
+        self.values[layer][:, :, slot] = value[:, :, 0]
+
+    def advance(self) -> None:
+        self.lengths += 1
+
+    def decode_feed(self) -> dict[str, np.ndarray]:
+        feed: dict[str, np.ndarray] = {"past_lengths": self.lengths.copy()}
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            feed[f"past.{layer}.key"] = k
+            feed[f"past.{layer}.value"] = v
+        return feed

@@ -1,0 +1,106 @@
+"""Prompt -> token ids without transformers: the chat template rendered with jinja2 the way
+Hugging Face renders it, tokenised with ``tokenizers``, the image placeholder expanded to
+the model's number of visual tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from mllm_deploy.core.errors import BundleError, PromptError
+
+
+def _render_template(template: str, messages: list[dict], special_tokens: dict[str, str]) -> str:
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # like HF: no HTML escaping, unlike jinja's built-in filter
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+    except jinja2.exceptions.TemplateError as exc:
+        raise PromptError(f"the bundle's chat template failed to render: {exc}") from None
+
+
+@dataclass
+class PromptBuilder:
+    tokenizer: object  # tokenizers.Tokenizer
+    chat_template: str
+    special_tokens: dict[str, str]
+    image_token: str
+    image_token_id: int
+    visual_tokens: int
+
+    @classmethod
+    def from_bundle(cls, bundle) -> "PromptBuilder":
+        from tokenizers import Tokenizer
+
+        info = bundle.manifest["tokenizer"]
+        try:
+            tokenizer = Tokenizer.from_file(str(bundle.path / info["file"]))
+            template = (bundle.path / info["chat_template"]).read_text()
+        except (OSError, KeyError, Exception) as exc:  # tokenizers raises plain Exception on bad JSON
+            raise BundleError(f"cannot load the bundle's tokenizer: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        model = bundle.manifest["model"]
+        return cls(tokenizer, template, dict(info["special_tokens"]), info["image_token"],
+                   int(model["image_token_id"]), int(model["visual_tokens"]))
+
+    def render_chat(self, user_text: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+        return _render_template(self.chat_template, messages, self.special_tokens)
+
+    def encode(self, text: str, from_chat_template: bool = True) -> np.ndarray:
+        """Token ids [1, T] for a prompt holding the image placeholder exactly once.
+
+        Special tokens follow Hugging Face: a raw prompt is tokenised as the processor does
+        (the tokenizer adds BOS); a rendered chat prompt gets none added if it already starts with BOS.
+        """
+        count = text.count(self.image_token)
+        if count != 1:
+            raise PromptError(
+                f"the prompt must contain the image placeholder {self.image_token} exactly once (found {count})"
+            )
+        # HF adds special tokens (BOS) unless the rendered prompt already starts with BOS.
+        bos = self.special_tokens.get("bos_token")
+        add_special = not (from_chat_template and bos and text.startswith(bos))
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        if ids.count(self.image_token_id) != 1:
+            raise PromptError(f"the tokenizer did not keep {self.image_token} as one token; is this the right bundle?")
+        at = ids.index(self.image_token_id)
+        expanded = ids[:at] + [self.image_token_id] * self.visual_tokens + ids[at + 1:]
+        return np.array([expanded], dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text increments, holding back incomplete UTF-8."""
+
+    def __init__(self, prompt: PromptBuilder):
+        self.prompt = prompt
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.prompt.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up .venv with mllm-deploy and its export/dev extras. Idempotent.
+#
+# torch is installed first and on purpose: a bare `torch` requirement resolves to the
+# registry's CUDA build (several GB) even on a machine without a GPU. Without a GPU we ask
+# for the CPU build (TORCH_SPEC, default torch==2.13.0, which this project's build machines
+# keep as a local CPU wheel; set TORCH_INDEX_URL to a CPU wheel index elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${PIP[@]}" install "${TORCH_SPEC:-torch}"
+  else
+    "${PIP[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
+  fi
+fi
+"${PIP[@]}" install -e ".[export,dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__ else 1)"

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny models made by code and their exported bundles (built once per session)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm_deploy.models.tiny import TinyLlavaConfig
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Three geometries: GQA and MHA, two image sizes / patch sizes, different layer counts.
+TINY_CONFIGS = {
+    "gqa56": TinyLlavaConfig(seed=1),
+    "mha42": TinyLlavaConfig(seed=2, image_size=42, patch_size=7, text_heads=4, text_kv_heads=4, text_layers=2,
+                             vision_layers=2, shortest_edge=48),
+    "gqa70": TinyLlavaConfig(seed=3, image_size=70, patch_size=14, text_hidden=96, text_heads=8, text_kv_heads=2,
+                             text_layers=3, text_intermediate=192),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Built-in models materialise into a per-session cache, never the user's."""
+    os.environ["MLLM_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("MLLM_DEPLOY_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    from mllm_deploy.models.tiny import write_tiny_llava
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_tiny_llava(root / name, cfg) for name, cfg in TINY_CONFIGS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {name: export_bundle(str(d), root / name, ExportOptions(), log=lambda m: None)
+            for name, d in tiny_model_dirs.items()}
+
+
+def make_image(path: Path, size=(90, 70), mode="RGB", seed=0) -> Path:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([5, 5, size[0] // 2, size[1] // 2], fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
+    image.convert(mode).save(path)
+    return path
+
+
+def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user does."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(VENV_BIN / tool), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+LLAVA15_7B_CONFIG = {
+    # llava-hf/llava-1.5-7b-hf hyperparameters (its config.json), written by tests: no weights needed.
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "projector_hidden_act": "gelu",
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+}
+
+
+def write_config_only_model(path: Path, config: dict = LLAVA15_7B_CONFIG) -> Path:
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
