@@ -1,0 +1,183 @@
+"""The FLOPs model: prefill cost of a model and a recipe, from ``config.json`` alone.
+
+Three formulas, registered by name so that more can be added:
+
+- ``exact``: every matrix product the exported prefill graph performs (FLOPs = 2 x
+  multiply-adds). A test checks it against the MatMul shapes of a real ``prefill.onnx``.
+- ``fastv-eq5``: the FastV paper's Eq. 5, to compare with its published reductions.
+- ``fitprune-macs``: the MACs model of FitPrune's code (visual tokens only), to compare with
+  its budgets.
+
+Norms, softmax and elementwise ops are not matrix products and are not counted; the vision
+tower and projector are not part of the prefill graph either. Nothing heavy is imported:
+flops-mllm runs on a machine with no torch.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.core.errors import MllmError, RecipeError
+from mllm_deploy.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """What each decoder layer processes in prefill, in visual tokens (text is added by formulas).
+
+    ``rankings`` lists the separate ranking products ``(layer, query_rows, keys)`` in total
+    tokens (text included): rows of queries against keys, done where a selection is prepared.
+    """
+
+    visual_tokens: list[int]  # entering layer l's attention (its KV length minus text)
+    mlp_visual_tokens: list[int]  # seen by layer l's o_proj and MLP
+    rankings: list[tuple[int, int, int]]
+
+
+@dataclass
+class FlopsReport:
+    formula: str
+    dense: float
+    recipe: float
+    reduction: float  # 1 - recipe/dense
+    kv_bytes_per_layer: list[int]
+    units: str  # "FLOPs" or "MACs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "formula": self.formula,
+            "dense": self.dense,
+            "recipe": self.recipe,
+            "reduction": self.reduction,
+            "kv_bytes_per_layer": list(self.kv_bytes_per_layer),
+        }
+
+
+CostFunction = Callable[[ModelSpec, TokenPlan, int], float]
+
+
+@dataclass(frozen=True)
+class Formula:
+    units: str
+    cost: CostFunction
+    description: str
+
+
+# ---- plans ------------------------------------------------------------------------------------
+def dense_plan(spec: ModelSpec) -> TokenPlan:
+    n = spec.visual_tokens
+    return TokenPlan([n] * spec.text.num_layers, [n] * spec.text.num_layers, [])
+
+
+def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int) -> TokenPlan:
+    """Token counts per layer, and where the ranking products happen, for a recipe."""
+    attention = list(recipe.visual_tokens)
+    mlp = recipe.mlp_visual_tokens()
+    offset = recipe.score.attention_layer_offset
+    rankings = []
+    for l in recipe.prune_layers:
+        # Candidates are the visual tokens present just before the selection: layer_input
+        # methods select among the previous layer's tokens, after_attention among layer l's.
+        if recipe.prune_stage == "layer_input":
+            candidates = attention[l - 1] if l > 0 else spec.visual_tokens
+        else:
+            candidates = attention[l]
+        if mlp[l] == 0:
+            continue  # keeping none needs no ranking: the visual span is sliced away (VTW)
+        rank_layer = l + offset
+        if rank_layer < 0:
+            raise RecipeError(f"recipe ranks layer {l}'s tokens with the attention of layer {rank_layer}, which does not exist")
+        rows = {"last_text": 1, "text": text_tokens, "visual_and_text": text_tokens + candidates}[recipe.score.query_rows]
+        rankings.append((rank_layer, rows, text_tokens + candidates))
+    return TokenPlan(attention, mlp, rankings)
+
+
+# ---- formulas ---------------------------------------------------------------------------------
+def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
+    t = spec.text
+    d, heads, kv_heads, head_dim, inter = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+    total = 0
+    for visual, mlp_visual in zip(plan.visual_tokens, plan.mlp_visual_tokens):
+        n = text_tokens + visual
+        m = text_tokens + mlp_visual
+        total += 2 * n * d * (heads + 2 * kv_heads) * head_dim  # fused QKV projection
+        total += 2 * 2 * heads * n * n * head_dim  # Q·Kᵀ and probs·V (GQA broadcasts KV, H products)
+        total += 2 * m * heads * head_dim * d  # o_proj
+        total += 2 * m * d * inter * 3  # SwiGLU: gate, up, down
+    for _layer, rows, keys in plan.rankings:
+        total += 2 * heads * rows * keys * head_dim  # ranking rows against all keys (softmax needs them all)
+    total += 2 * d * t.vocab_size  # LM head on the last position only
+    return float(total)
+
+
+def _fastv_eq5(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
+    # Paper's C(n) = 4nd² + 2n²d + 2ndm per layer; summing per layer equals K·C(n) + (L−K)·C(n̂).
+    d, m = spec.text.hidden_size, spec.text.intermediate_size
+    total = 0
+    for visual in plan.visual_tokens:
+        n = text_tokens + visual
+        total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    return float(total)
+
+
+def _fitprune_macs(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
+    # FitPrune's code counts visual tokens only; QKV and attention before the drop, o_proj and
+    # the SwiGLU MLP after it. A dense plan gives L·F(N), F(n) = 4nd² + 2n²d + 3ndm.
+    d, m = spec.text.hidden_size, spec.text.intermediate_size
+    total = 0
+    for n, n_after in zip(plan.visual_tokens, plan.mlp_visual_tokens):
+        total += 3 * n * d * d + 2 * n * n * d + n_after * d * d + 3 * n_after * d * m
+    return float(total)
+
+
+FORMULAS: dict[str, Formula] = {
+    "exact": Formula("FLOPs", _exact, "every matrix product of the exported prefill graph"),
+    "fastv-eq5": Formula("FLOPs", _fastv_eq5, "FastV paper Eq. 5"),
+    "fitprune-macs": Formula("MACs", _fitprune_macs, "FitPrune code's MACs over visual tokens"),
+}
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def kv_bytes_per_layer(spec: ModelSpec, visual_tokens: list[int], text_tokens: int, kv_dtype_bytes: int = 2) -> list[int]:
+    """K and V cache bytes each layer holds after prefill (each layer caches what it processed)."""
+    per_token = 2 * spec.text.num_kv_heads * spec.text.head_dim * kv_dtype_bytes
+    return [per_token * (text_tokens + n) for n in visual_tokens]
+
+
+def prefill_cost(
+    spec: ModelSpec,
+    recipe: Recipe | None = None,
+    text_tokens: int = 64,
+    formula: str = "exact",
+    kv_dtype_bytes: int = 2,
+) -> FlopsReport:
+    """Dense and recipe prefill cost of ``spec`` with ``text_tokens`` non-visual prompt tokens."""
+    if formula not in FORMULAS:
+        raise MllmError(f"unknown FLOPs formula '{formula}'; formulas: {', '.join(FORMULAS)}")
+    try:
+        text_tokens = operator.index(text_tokens)  # ints, NumPy ints; not 3.5
+    except TypeError:
+        raise MllmError(f"text_tokens must be an integer, got {text_tokens!r}") from None
+    if text_tokens < 0:
+        raise MllmError(f"text_tokens must be 0 or more, got {text_tokens}")
+    if kv_dtype_bytes <= 0:
+        raise MllmError(f"kv_dtype_bytes must be positive, got {kv_dtype_bytes!r}")
+    chosen = FORMULAS[formula]
+    dense = chosen.cost(spec, dense_plan(spec), text_tokens)
+    if recipe is None:
+        plan = dense_plan(spec)
+    else:
+        recipe.check_model(spec)
+        plan = recipe_plan(spec, recipe, text_tokens)
+    cost = chosen.cost(spec, plan, text_tokens)
+    return FlopsReport(
+        formula=formula,
+        dense=dense,
+        recipe=cost,
+        reduction=1.0 - cost / dense if dense else 0.0,
+        kv_bytes_per_layer=kv_bytes_per_layer(spec, plan.visual_tokens, text_tokens, kv_dtype_bytes),
+        units=chosen.units,
+    )

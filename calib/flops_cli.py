@@ -1,0 +1,86 @@
+"""flops-mllm: prefill FLOPs (or MACs) and KV-cache size of a model, dense and with a recipe.
+
+Needs only the model's config.json: no weights, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mllm_deploy.core import cli
+
+KV_DTYPE_BYTES = {"float16": 2, "float32": 4}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The formula registry is plain data (no torch), so the choices come from it directly.
+    from mllm_deploy.calib.flops import FORMULAS
+
+    p = argparse.ArgumentParser(prog="flops-mllm", description=__doc__)
+    p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory (config.json is enough) or a built-in name")
+    p.add_argument("--recipe", help="recipe.json to cost (default: dense only)")
+    p.add_argument("--text-tokens", type=int, default=64,
+                   help="non-visual prompt tokens: system prompt + question (default 64)")
+    p.add_argument("--formula", default="exact", choices=list(FORMULAS),
+                   help="exact: every matrix product of the prefill graph; fastv-eq5: FastV paper Eq. 5;"
+                        " fitprune-macs: FitPrune code's MACs over visual tokens (default exact)")
+    p.add_argument("--kv-dtype", default="float16", choices=sorted(KV_DTYPE_BYTES), help="KV-cache element type")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _human(value: float) -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g} {suffix}"
+    return f"{value:.4g} "
+
+
+def _kv_summary(kv_bytes: list[int]) -> str:
+    """Runs of equal layers, e.g. 'layers 0-1: 1.2 MB, layers 2-31: 0.7 MB'."""
+    runs: list[tuple[int, int, int]] = []
+    for l, b in enumerate(kv_bytes):
+        if runs and runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], l, b)
+        else:
+            runs.append((l, l, b))
+    parts = [f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {_human(v)}B" for a, b, v in runs]
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.core.errors import MllmError
+    from mllm_deploy.models.registry import load_spec
+
+    if args.text_tokens < 0:
+        raise MllmError(f"--text-tokens must be 0 or more, got {args.text_tokens}")
+    _, spec = load_spec(args.model)
+    recipe = load_recipe(args.recipe, spec) if args.recipe else None
+    report = prefill_cost(spec, recipe, text_tokens=args.text_tokens, formula=args.formula,
+                          kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype])
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    units = report.units
+    kv = report.kv_bytes_per_layer
+    print(f"formula:   {report.formula}")
+    print(f"tokens:    {args.text_tokens} text + {spec.visual_tokens} visual, {spec.text.num_layers} layers")
+    print(f"dense:     {_human(report.dense)}{units} ({report.dense:.6g})")
+    label = recipe.method_name if recipe is not None else "dense"
+    print(f"recipe:    {_human(report.recipe)}{units} ({report.recipe:.6g}) [{label}]")
+    print(f"reduction: {report.reduction * 100:.2f}%")
+    print(f"units:     {units}")
+    print(f"kv cache:  {_human(sum(kv))}B total ({args.kv_dtype}); {_kv_summary(kv)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main("flops-mllm", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
