@@ -28,13 +28,14 @@ from mllm_deploy.models.spec import ModelSpec
 class TokenPlan:
     """What each decoder layer processes in prefill, in visual tokens (text is added by formulas).
 
-    ``rankings`` lists the separate ranking products ``(layer, query_rows, keys)`` in total
-    tokens (text included): rows of queries against keys, done where a selection is prepared.
+    ``rankings`` lists the separate ranking products ``(layer, query_rows, keys, projects)`` in
+    total tokens (text included): rows of queries against keys, done where a selection is
+    prepared; ``projects`` when the ranking needs its own K/Q projections (PyramidDrop).
     """
 
     visual_tokens: list[int]  # entering layer l's attention (its KV length minus text)
     mlp_visual_tokens: list[int]  # seen by layer l's o_proj and MLP
-    rankings: list[tuple[int, int, int]]
+    rankings: list[tuple[int, int, int, bool]]
 
 
 @dataclass
@@ -72,7 +73,7 @@ def dense_plan(spec: ModelSpec) -> TokenPlan:
     return TokenPlan([n] * spec.text.num_layers, [n] * spec.text.num_layers, [])
 
 
-def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int) -> TokenPlan:
+def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int = 0) -> TokenPlan:
     """Token counts per layer, and where the ranking products happen, for a recipe."""
     attention = list(recipe.visual_tokens)
     mlp = recipe.mlp_visual_tokens()
@@ -90,8 +91,13 @@ def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int) -> TokenPlan:
         rank_layer = l + offset
         if rank_layer < 0:
             raise RecipeError(f"recipe ranks layer {l}'s tokens with the attention of layer {rank_layer}, which does not exist")
-        rows = {"last_text": 1, "text": text_tokens, "visual_and_text": text_tokens + candidates}[recipe.score.query_rows]
-        rankings.append((rank_layer, rows, text_tokens + candidates))
+        # text query rows are the tokens after the image (the instruction), not the prefix before it
+        after = text_tokens - prefix_tokens
+        rows = {"last_text": 1, "text": after, "visual_and_text": after + candidates}[recipe.score.query_rows]
+        # ranking with the pruning layer's own attention before it runs (PyramidDrop) projects
+        # keys for every candidate token and queries for the ranking rows first
+        projects = recipe.prune_stage == "layer_input" and offset == 0
+        rankings.append((rank_layer, rows, text_tokens + candidates, projects))
     return TokenPlan(attention, mlp, rankings)
 
 
@@ -107,8 +113,10 @@ def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
         total += 2 * 2 * heads * n * n * head_dim  # Q·Kᵀ and probs·V (GQA broadcasts KV, H products)
         total += 2 * m * heads * head_dim * d  # o_proj
         total += 2 * m * d * inter * 3  # SwiGLU: gate, up, down
-    for _layer, rows, keys in plan.rankings:
+    for _layer, rows, keys, projects in plan.rankings:
         total += 2 * heads * rows * keys * head_dim  # ranking rows against all keys (softmax needs them all)
+        if projects:
+            total += 2 * keys * d * kv_heads * head_dim + 2 * rows * d * heads * head_dim
     total += 2 * d * t.vocab_size  # LM head on the last position only
     return float(total)
 
@@ -153,8 +161,10 @@ def prefill_cost(
     text_tokens: int = 64,
     formula: str = "exact",
     kv_dtype_bytes: int = 2,
+    prefix_tokens: int = 0,
 ) -> FlopsReport:
-    """Dense and recipe prefill cost of ``spec`` with ``text_tokens`` non-visual prompt tokens."""
+    """Dense and recipe prefill cost of ``spec`` with ``text_tokens`` non-visual prompt tokens,
+    ``prefix_tokens`` of them before the image (the rest, after it, are the ranking's text rows)."""
     if formula not in FORMULAS:
         raise MllmError(f"unknown FLOPs formula '{formula}'; formulas: {', '.join(FORMULAS)}")
     try:
@@ -163,6 +173,8 @@ def prefill_cost(
         raise MllmError(f"text_tokens must be an integer, got {text_tokens!r}") from None
     if text_tokens < 0:
         raise MllmError(f"text_tokens must be 0 or more, got {text_tokens}")
+    if not 0 <= prefix_tokens <= text_tokens:
+        raise MllmError(f"prefix_tokens must be between 0 and text_tokens ({text_tokens}), got {prefix_tokens}")
     if kv_dtype_bytes <= 0:
         raise MllmError(f"kv_dtype_bytes must be positive, got {kv_dtype_bytes!r}")
     chosen = FORMULAS[formula]
@@ -171,7 +183,7 @@ def prefill_cost(
         plan = dense_plan(spec)
     else:
         recipe.check_model(spec)
-        plan = recipe_plan(spec, recipe, text_tokens)
+        plan = recipe_plan(spec, recipe, text_tokens, prefix_tokens)
     cost = chosen.cost(spec, plan, text_tokens)
     return FlopsReport(
         formula=formula,

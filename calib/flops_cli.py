@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe.json to cost (default: dense only)")
     p.add_argument("--text-tokens", type=int, default=64,
                    help="non-visual prompt tokens: system prompt + question (default 64)")
+    p.add_argument("--prefix-tokens", type=int, default=0,
+                   help="of the text tokens, how many come before the image (default 0: all after it)")
     p.add_argument("--formula", default="exact", choices=list(FORMULAS),
                    help="exact: every matrix product of the prefill graph; fastv-eq5: FastV paper Eq. 5;"
                         " fitprune-macs: FitPrune code's MACs over visual tokens (default exact)")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     _, spec = load_spec(args.model)
     recipe = load_recipe(args.recipe, spec) if args.recipe else None
     report = prefill_cost(spec, recipe, text_tokens=args.text_tokens, formula=args.formula,
-                          kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype])
+                          kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype], prefix_tokens=args.prefix_tokens)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0

@@ -12,6 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export-mllm", description=__doc__)
     p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory or a built-in name (tiny-llava)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--recipe", help="recipe.json from calib-mllm to bake into the prefill graph (default: dense)")
+    p.add_argument("--routing", default="native", choices=["native", "plugin"],
+                   help="routing as standard ONNX ops (native) or mllm_deploy custom ops backed by plugins")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-21; default 17)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -23,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
 
-    options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force)
+    options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
+                            recipe=args.recipe, routing=args.routing)
     export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

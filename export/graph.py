@@ -157,10 +157,14 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     # ---- common op helpers (opset-dependent spellings live here) ---------------------------
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 1) -> str:
+        """ReduceSum takes axes as an input since opset 13, the other reductions since 18."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
+
     def reduce_mean(self, x: str, axes: Sequence[int], keepdims: int = 1) -> str:
-        if self.opset >= 18:
-            return self.op("ReduceMean", [x, self.ints(axes)], keepdims=keepdims)
-        return self.op("ReduceMean", [x], axes=list(axes), keepdims=keepdims)
+        return self.reduce("ReduceMean", x, axes, keepdims)
 
     def reshape(self, x: str, shape: Sequence[int]) -> str:
         return self.op("Reshape", [x, self.ints(shape)])

@@ -30,15 +30,8 @@ class ExportOptions:
     opset: int = 17
     verify: bool = True
     force: bool = False
-
-
-def dense_recipe(spec: ModelSpec) -> dict:
-    """The recipe that keeps every visual token in every layer."""
-    return {
-        "schema": "mllm-deploy/recipe@1",
-        "method": {"name": "dense"},
-        "visual_tokens": [spec.visual_tokens] * spec.text.num_layers,
-    }
+    recipe: str | None = None  # path to recipe.json; None exports the dense model
+    routing: str = "native"  # "native" (standard ops) or "plugin" (mllm_deploy custom ops)
 
 
 def _load_hf(model_dir: Path, dtype: str):
@@ -93,7 +86,7 @@ def _write_tokenizer(model_dir: Path, target: Path) -> dict:
     }
 
 
-def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path):
+def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path, recipe, routing: str):
     import onnx
 
     from mllm_deploy.export.graph import GraphBuilder, WeightStore
@@ -113,6 +106,8 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
             g = GraphBuilder(name, opset, store)
             if name == "vision":
                 build(g, spec, weights, ft)
+            elif name == "prefill":
+                build(g, spec, weights, rope, ft, recipe, routing)
             else:
                 build(g, spec, weights, rope, ft)
             model = g.make_model()
@@ -141,21 +136,27 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     if options.dtype not in DTYPES:
         raise MllmError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
+    if options.routing not in ("native", "plugin"):
+        raise MllmError(f"--routing must be native or plugin, got {options.routing}")
     if options.opset not in SUPPORTED_OPSETS:
         raise MllmError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1}")
     output = Path(output)
     if output.exists() and not options.force:
         raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
     model_dir, spec = load_spec(model)
+    from mllm_deploy.calib.recipe import dense_recipe, load_recipe
+
+    recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
     hf_model = _load_hf(model_dir, options.dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial.", dir=output.parent))
     try:
-        log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset})")
+        log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"
+            f" {options.routing} routing)")
         weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
-        graphs = _graphs(spec, weights, options.dtype, options.opset, tmp)
+        graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing)
         tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
         manifest = {
             "schema": BUNDLE_SCHEMA,
@@ -163,7 +164,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
             "source_model": str(model),
             "dtype": options.dtype,
             "model": {**spec.to_dict(), "visual_tokens": spec.visual_tokens},
-            "recipe": dense_recipe(spec),
+            "recipe": recipe.to_dict(),
+            "routing": options.routing,
             "graphs": graphs,
             "weights": "weights.bin",
             "kv_cache": {
@@ -177,7 +179,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         manifest["files"] = file_hashes(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if options.verify:
-            comparison = verify_bundle(tmp, hf_model, spec, options.dtype)
+            comparison = verify_bundle(tmp, hf_model, spec, options.dtype, recipe)
             log(f"verify: {comparison.summary()}")
             if not comparison.ok:
                 raise VerificationError(

@@ -29,8 +29,10 @@ def _value_infos(values) -> list[dict]:
 
 
 def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
+    custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
     return {
         "file": file_name,
+        "custom_ops": custom,
         "inputs": _value_infos(model.graph.input),
         "outputs": _value_infos(model.graph.output),
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),

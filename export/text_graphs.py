@@ -83,18 +83,21 @@ def prefill_attention(g: GraphBuilder, spec: ModelSpec, q: str, k: str, v: str, 
     return _merge_heads(g, spec, g.op("MatMul", [probs, g.unsqueeze(v, [2])]))
 
 
-def decoder_layer_prefill(g, spec: ModelSpec, w: dict, l: int, x: str, cos: str, sin: str, mask: str, ft: int):
-    """One decoder layer over all tokens it receives; returns (x, k, v)."""
-    eps = spec.text.rms_norm_eps
-    with g.scope(f"layers.{l}"):
-        h = blocks.rms_norm(g, x, f"text.layers.{l}.input_norm.weight", w, eps, ft, "input_layernorm")
-        with g.scope("attn"):
-            q, k, v = _qkv(g, spec, w, l, h, cos, sin)
-            ctx = prefill_attention(g, spec, q, k, v, mask, ft)
-            x = g.op("Add", [x, blocks.linear(g, ctx, w, f"text.layers.{l}.attn.o", "o_proj")])
-        h = blocks.rms_norm(g, x, f"text.layers.{l}.post_norm.weight", w, eps, ft, "post_attention_layernorm")
-        x = g.op("Add", [x, _mlp(g, spec, w, l, h, ft)])
-    return x, k, v
+def layer_attention(g, spec: ModelSpec, w: dict, l: int, x: str, cos: str, sin: str, mask: str, ft: int):
+    """Input norm, projections and causal attention of layer l: (q, k, v, ctx [1, T, H*Dh])."""
+    h = blocks.rms_norm(g, x, f"text.layers.{l}.input_norm.weight", w, spec.text.rms_norm_eps, ft, "input_layernorm")
+    with g.scope("attn"):
+        q, k, v = _qkv(g, spec, w, l, h, cos, sin)
+        ctx = prefill_attention(g, spec, q, k, v, mask, ft)
+    return q, k, v, ctx
+
+
+def layer_finish(g, spec: ModelSpec, w: dict, l: int, x: str, ctx: str, ft: int) -> str:
+    """o_proj with the residual, then the MLP block."""
+    with g.scope("attn"):
+        x = g.op("Add", [x, blocks.linear(g, ctx, w, f"text.layers.{l}.attn.o", "o_proj")])
+    h = blocks.rms_norm(g, x, f"text.layers.{l}.post_norm.weight", w, spec.text.rms_norm_eps, ft, "post_attention_layernorm")
+    return g.op("Add", [x, _mlp(g, spec, w, l, h, ft)])
 
 
 def decoder_layer_decode(g, spec, w, l, x, cos, sin, past_k, past_v, past_len, ft):
@@ -141,29 +144,13 @@ def rope_gather(g: GraphBuilder, tables: tuple[str, str], positions: str) -> tup
         return g.op("Gather", [tables[0], positions], axis=0), g.op("Gather", [tables[1], positions], axis=0)
 
 
-def build_prefill_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int) -> None:
-    t = spec.text
-    ids = g.input("input_ids", TensorProto.INT64, [1, "prefill_len"])
-    feats = g.input("image_features", ft, [1, spec.visual_tokens, t.hidden_size])
-    start = g.input("image_start", TensorProto.INT64, [1])
-    tables = (g.const(rope[0], name="rope.cos"), g.const(rope[1], name="rope.sin"))
-    with g.scope("model"):
-        with g.scope("embed"):
-            emb = g.op("Gather", [g.const(w["text.embed_tokens"], name="text.embed_tokens"), ids], axis=0)
-            end = g.op("Add", [start, g.ints([spec.visual_tokens])])
-            before = g.slice(emb, g.ints([0]), start, axes=[1])
-            after = g.slice(emb, end, g.ints([blocks.INT64_MAX]), axes=[1])
-            x = g.op("Concat", [before, feats, after], axis=1)  # image features replace the placeholders
-            length = g.slice(g.op("Shape", [ids]), g.ints([1]), g.ints([2]), axes=[0])
-            positions = arange(g, g.squeeze(length, [0]))
-        cos, sin = rope_gather(g, tables, positions)
-        mask = causal_mask(g, positions)
-        for l in range(t.num_layers):
-            x, k, v = decoder_layer_prefill(g, spec, w, l, x, cos, sin, mask, ft)
-            g.output(k, f"present.{l}.key", ft, [1, t.num_kv_heads, f"kv_len_{l}", t.head_dim])
-            g.output(v, f"present.{l}.value", ft, [1, t.num_kv_heads, f"kv_len_{l}", t.head_dim])
-        last = g.slice(x, g.ints([-1]), g.ints([blocks.INT64_MAX]), axes=[1])
-        g.output(lm_head(g, spec, w, last, ft), "logits", TensorProto.FLOAT, [1, t.vocab_size])
+def build_prefill_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int,
+                        recipe=None, routing: str = "native") -> None:
+    """The prefill graph with the recipe applied (see export/pruned_prefill.py)."""
+    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.export.pruned_prefill import PrefillBuilder
+
+    PrefillBuilder(g, spec, w, rope, ft, recipe or dense_recipe(spec), routing).build()
 
 
 def build_decode_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int) -> None:

@@ -30,6 +30,28 @@ def sample_inputs(spec: ModelSpec, seed: int = 0, text_before: int = 5, text_aft
     return np.array([ids], dtype=np.int64), pixels
 
 
+def recipe_reference(model, recipe, input_ids: np.ndarray, pixels: np.ndarray, steps: int) -> dict[str, np.ndarray]:
+    """The same quantities from the PyTorch reference of a (pruned) recipe."""
+    import torch
+
+    from mllm_deploy.calib.reference import RecipeReference
+
+    reference = RecipeReference(model, recipe)
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        features = reference.image_features(torch.from_numpy(pixels))
+        out["image_features"] = features.float().numpy()
+        logits, state = reference.prefill(torch.from_numpy(input_ids), features)
+        out["prefill.logits"] = logits.numpy()
+        for l, (key, _value) in enumerate(state.cache):
+            out[f"kv_len.{l}"] = np.array([key.shape[2]], dtype=np.float64)
+        for step in range(steps):
+            token = int(logits.argmax(-1))
+            logits = reference.decode(token, input_ids.shape[1] + step, state)
+            out[f"decode.{step}.logits"] = logits.numpy()
+    return out
+
+
 def torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: int) -> dict[str, np.ndarray]:
     """Image features, prefill logits and greedy decode logits from the Hugging Face model."""
     import torch
@@ -58,6 +80,8 @@ def onnx_outputs(generator, input_ids: np.ndarray, pixels: np.ndarray, reference
     out["image_features"] = features
     logits, cache = generator.prefill(input_ids, features, capacity_extra=steps)
     out["prefill.logits"] = logits[None]
+    for l, length in enumerate(cache.lengths):
+        out[f"kv_len.{l}"] = np.array([length], dtype=np.float64)
     previous = reference["prefill.logits"]
     for step in range(steps):
         token = int(np.argmax(previous[0]))
@@ -67,12 +91,20 @@ def onnx_outputs(generator, input_ids: np.ndarray, pixels: np.ndarray, reference
     return out
 
 
-def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str) -> Comparison:
+def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -> Comparison:
+    """Dense bundles are checked against transformers' own forward, pruned ones against the
+    PyTorch reference of their recipe (which equals transformers for a dense recipe)."""
     from mllm_deploy.runtime.bundle import load_bundle
     from mllm_deploy.runtime.generator import Generator
 
     input_ids, pixels = sample_inputs(spec)
-    reference = torch_reference(model, input_ids, pixels, DECODE_STEPS)
+    if recipe is None or recipe.method_name == "dense":
+        reference = torch_reference(model, input_ids, pixels, DECODE_STEPS)
+    else:
+        reference = recipe_reference(model, recipe, input_ids, pixels, DECODE_STEPS)
     with Generator(load_bundle(bundle_dir)) as generator:
         candidate = onnx_outputs(generator, input_ids, pixels, reference, DECODE_STEPS)
-    return compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype])
+    from mllm_deploy.core.compare import Tolerance
+
+    exact = {name: Tolerance(atol=0.0) for name in reference if name.startswith("kv_len.")}
+    return compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)

@@ -45,7 +45,8 @@ class Generator:
         self.bundle = bundle
         cls = runner_class(backend)
         self.runners = {
-            graph: cls(bundle.graph_path(graph), bundle.graph_io(graph), graph, **backend_options)
+            graph: cls(bundle.graph_path(graph), bundle.graph_io(graph), graph,
+                       custom_ops=bundle.manifest["graphs"][graph].get("custom_ops", []), **backend_options)
             for graph in ("vision", "prefill", "decode")
         }
         model = bundle.manifest["model"]
@@ -114,7 +115,9 @@ class Generator:
         max_new_tokens: int,
         sampling: SamplingConfig = SamplingConfig(),
         on_token: Callable[[int], None] | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
+        """Greedy or sampled generation; ``ignore_eos`` generates exactly max_new_tokens (benchmarks)."""
         prompt_len = int(input_ids.shape[1])
         if prompt_len + max_new_tokens > self.max_positions:
             raise PromptError(
@@ -136,7 +139,7 @@ class Generator:
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not ignore_eos:
                 stop_reason = "eos"
                 break
             if step == max_new_tokens - 1:

@@ -88,3 +88,47 @@ def write_config_only_model(path: Path, config: dict = LLAVA15_7B_CONFIG) -> Pat
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+# ---- pruned recipes and bundles (FastV, PyramidDrop, VTW, FitPrune) on two tiny geometries ----
+METHODS = {
+    # name -> calibration options per tiny config
+    "fastv": dict(method="fastv", fastv_k=2, fastv_r=0.5),
+    "pdrop": dict(method="pdrop", pdrop_layers=[1, 2], pdrop_ratio=0.5),
+    "vtw": dict(method="vtw", data="builtin:synthetic:3", vtw_eta=10.0, vtw_first_layer=1),
+    "fitprune": dict(method="fitprune", data="builtin:synthetic:3", budget=0.5),
+}
+CONFIGS = ["gqa56", "gqa70"]
+
+
+@pytest.fixture(scope="session")
+def recipes(tiny_model_dirs, tmp_path_factory):
+    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+
+    root = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for config in CONFIGS:
+        for name, options in METHODS.items():
+            recipe = calibrate(str(tiny_model_dirs[config]), CalibOptions(**options), log=lambda m: None)
+            path = root / f"{config}-{name}.json"
+            path.write_text(recipe.to_json())
+            out[config, name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def pruned_bundles(tiny_model_dirs, recipes, tmp_path_factory):
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("pruned")
+    cache = {}
+
+    def get(config: str, method: str, routing: str):
+        key = (config, method, routing)
+        if key not in cache:
+            cache[key] = export_bundle(str(tiny_model_dirs[config]), root / "-".join(key),
+                                       ExportOptions(recipe=str(recipes[config, method]), routing=routing),
+                                       log=lambda m: None)
+        return cache[key]
+
+    return get

@@ -14,33 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import LLAVA15_7B_CONFIG, METHODS, run_cli
+
 from mllm_deploy.calib.flops import FORMULAS, prefill_cost
 from mllm_deploy.calib.recipe import Recipe, ScoreSpec, model_ref
 from mllm_deploy.core.errors import MllmError
 from mllm_deploy.models.spec import read_config, spec_from_config
 
-LLAVA_15_7B = {
-    "architectures": ["LlavaForConditionalGeneration"],
-    "image_token_index": 32000,
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "projector_hidden_act": "gelu",
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
-    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-}
+LLAVA_15_7B = LLAVA15_7B_CONFIG
 # FitPrune's published 50% recipe for LLaVA-1.5-7B: tokens removed after each layer's attention.
 FITPRUNE_50_REMOVED = [3, 7, 49, 24, 29, 17, 59, 41, 26, 8, 10, 6, 2, 5, 7, 2, 30, 3, 13, 27, 5, 23, 2, 1,
                        0, 0, 1, 1, 2, 0, 0, 0]
-
-
-def run_cli(tool: str, *args: str) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it. (Local: `from conftest import` fails under
-    --import-mode=importlib, since tests/ is not on sys.path.)"""
-    script = Path(sys.executable).parent / tool
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=dict(os.environ), timeout=300)
 
 
 def write_config(root: Path, cfg: dict) -> Path:
@@ -219,3 +203,16 @@ def test_exact_formula_equals_exported_prefill_matmuls(tiny_bundles, tiny_model_
     text_tokens = 11
     measured = matmul_flops_of_prefill(tiny_bundles["gqa56"], text_tokens, image_start=4, work=tmp_path)
     assert prefill_cost(spec, None, text_tokens=text_tokens, formula="exact").dense == measured
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_formula_equals_pruned_prefill_matmuls(method, pruned_bundles, recipes, tiny_model_dirs, tmp_path):
+    """The ranking products, PyramidDrop's ranking projections and the smaller layers are all counted."""
+    from mllm_deploy.calib.recipe import load_recipe
+
+    spec = spec_from_config(read_config(tiny_model_dirs["gqa56"]))
+    recipe = load_recipe(recipes["gqa56", method], spec)
+    text_tokens = 13
+    measured = matmul_flops_of_prefill(pruned_bundles("gqa56", method, "native"), text_tokens, 4, tmp_path)
+    report = prefill_cost(spec, recipe, text_tokens=text_tokens, formula="exact", prefix_tokens=4)
+    assert report.recipe == measured

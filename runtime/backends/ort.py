@@ -12,8 +12,9 @@ from mllm_deploy.runtime.backends.base import Runner
 
 class OrtRunner(Runner):
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
-                 profile: bool = False):
+                 profile: bool = False, custom_ops: list[str] | None = None):
         super().__init__(graph_path, io, name)
+        self.custom_ops = list(custom_ops or [])
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.profile = profile
@@ -34,10 +35,26 @@ class OrtRunner(Runner):
         options.enable_profiling = self.profile
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.graph_path), options, providers=self.providers)
+            if self.custom_ops:
+                self.session = self._plugin_session(options)
+            else:
+                self.session = ort.InferenceSession(str(self.graph_path), options, providers=self.providers)
+        except DependencyError:
+            raise
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"onnxruntime cannot load {self.graph_path.name}: {first_line}") from None
+
+    def _plugin_session(self, options):
+        """Graphs with mllm_deploy routing ops run through our ONNX Runtime kernels."""
+        try:
+            from mllm_deploy.plugins.ort_kernels import create_session
+        except ImportError as exc:
+            raise DependencyError(
+                f"{self.graph_path.name} uses routing plugins ({', '.join(self.custom_ops)}); running it on ONNX Runtime"
+                f" needs onnx and onnxruntime-extensions (pip install 'mllm-deploy[ort-plugins]'): {exc}"
+            ) from None
+        return create_session(self.graph_path, options, self.providers)
 
     def deactivate_impl(self) -> None:
         self.session = None
