@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check of the ONNX graphs against the PyTorch model")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--check-trt", metavar="VERSION",
+                   help="also fail unless TensorRT VERSION's ONNX parser accepts every graph (10.3, 10.16, 11.4)")
     return p
 
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
 
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
-                            recipe=args.recipe, routing=args.routing)
+                            recipe=args.recipe, routing=args.routing, check_trt=args.check_trt)
     export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

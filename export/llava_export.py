@@ -32,6 +32,7 @@ class ExportOptions:
     force: bool = False
     recipe: str | None = None  # path to recipe.json; None exports the dense model
     routing: str = "native"  # "native" (standard ops) or "plugin" (mllm_deploy custom ops)
+    check_trt: str | None = None  # TensorRT version whose ONNX parser must accept every graph
 
 
 def _load_hf(model_dir: Path, dtype: str):
@@ -138,6 +139,10 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         raise MllmError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
     if options.routing not in ("native", "plugin"):
         raise MllmError(f"--routing must be native or plugin, got {options.routing}")
+    if options.check_trt:
+        from mllm_deploy.export.trt_check import load_support
+
+        load_support(options.check_trt)  # an unknown version fails before any work
     if options.opset not in SUPPORTED_OPSETS:
         raise MllmError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1}")
     output = Path(output)
@@ -185,6 +190,16 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
                 raise VerificationError(
                     f"exported graphs disagree with the PyTorch model ({comparison.summary()});"
                     " no bundle written (--no-verify skips this check)"
+                )
+        if options.check_trt:
+            from mllm_deploy.export.trt_check import check_bundle
+
+            findings = [f for graph in check_bundle(tmp, options.check_trt).values() for f in graph]
+            log(f"check-trt {options.check_trt}: {len(findings)} problems")
+            if findings:
+                raise VerificationError(
+                    f"{len(findings)} node(s) would be rejected by TensorRT {options.check_trt}'s ONNX parser, first:"
+                    f" {findings[0].line()}; no bundle written"
                 )
         if output.exists():
             shutil.rmtree(output)

@@ -42,7 +42,8 @@ def visual_score(g: GraphBuilder, mode: str, score: ScoreSpec, q: str, k: str, p
                  n_vis: int, num_heads: int, num_kv_heads: int, head_dim: int, ft: int) -> str:
     """Importance of each current visual token, [n_vis] float32 (larger is kept).
 
-    q: [1, H, T, Dh] post-RoPE queries; k: [1, Hkv, T, Dh] post-RoPE keys; positions [1, T].
+    q: [1, H, Tq, Dh] post-RoPE queries of the last Tq <= T tokens (all of them, or only the
+    ranking rows); k: [1, Hkv, T, Dh] post-RoPE keys; positions [1, T].
     """
     scale = head_dim**-0.5
     if mode == "plugin":
@@ -56,12 +57,13 @@ def visual_score(g: GraphBuilder, mode: str, score: ScoreSpec, q: str, k: str, p
         key_pos = g.reshape(positions, [-1])  # [T]
         row_pos = g.slice(key_pos, first_row, g.ints([MAX]), axes=[0])  # [R]
         groups = num_heads // num_kv_heads
-        q5 = g.reshape(q_rows, [1, num_kv_heads, groups, -1, head_dim])  # [1, Hkv, G, R, Dh]
-        k_t = g.transpose(g.unsqueeze(k, [2]), [0, 1, 2, 4, 3])  # [1, Hkv, 1, Dh, T]
-        logits = g.op("Mul", [g.op("MatMul", [q5, k_t]), g.scalar(scale, blocks.NP_FLOAT[ft])])
+        # rankings are computed in float32 whatever the graph's dtype, as the reference and the plugin do
+        q5 = g.reshape(blocks.to_f32(g, q_rows, ft), [1, num_kv_heads, groups, -1, head_dim])  # [1, Hkv, G, R, Dh]
+        k_t = g.transpose(g.unsqueeze(blocks.to_f32(g, k, ft), [2]), [0, 1, 2, 4, 3])  # [1, Hkv, 1, Dh, T]
+        logits = g.op("Mul", [g.op("MatMul", [q5, k_t]), g.scalar(scale, np.float32)])
         future = g.op("Greater", [g.unsqueeze(key_pos, [0]), g.unsqueeze(row_pos, [1])])  # [R, T]
         mask = g.op("Where", [future, g.scalar(F32_MIN, np.float32), g.scalar(0.0, np.float32)])
-        probs = g.op("Softmax", [g.op("Add", [blocks.to_f32(g, logits, ft), mask])], axis=-1)  # [1,Hkv,G,R,T]
+        probs = g.op("Softmax", [g.op("Add", [logits, mask])], axis=-1)  # [1, Hkv, G, R, T]
         visual = g.slice(probs, vis_start, vis_end, axes=[4])
         per_head = g.reshape(visual, [num_heads, -1, n_vis])  # [H, R, n]
         reduce_op = "ReduceMax" if score.head_reduction == "max" else "ReduceMean"

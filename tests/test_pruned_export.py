@@ -135,7 +135,8 @@ def test_plugin_bundle_uses_one_node_per_routing_step(pruned_bundles, recipes):
     from mllm_deploy.calib.recipe import load_recipe
 
     recipe = load_recipe(recipes["gqa56", "fitprune"])
-    model = onnx.load(pruned_bundles("gqa56", "fitprune", "plugin") / "prefill.onnx", load_external_data=False)
+    path = pruned_bundles("gqa56", "fitprune", "plugin") / "prefill.onnx"
+    model = onnx.load(path, load_external_data=False)
     custom = [n for n in model.graph.node if n.domain == "mllm_deploy"]
     layers = [l for l in recipe.prune_layers if recipe.mlp_visual_tokens()[l] > 0]
     assert sorted(n.op_type for n in custom) == sorted(["VisualScore", "TokenSelect"] * len(layers))
@@ -143,4 +144,33 @@ def test_plugin_bundle_uses_one_node_per_routing_step(pruned_bundles, recipes):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"mllm_deploy"
     assert not [n for n in model.graph.node if n.op_type == "TopK"]
-    onnx.checker.check_model(model)
+    from mllm_deploy.plugins.schemas import register_schemas
+
+    register_schemas()
+    onnx.checker.check_model(str(path))  # by path: the checker resolves weights.bin beside the graph
+
+
+@pytest.mark.parametrize("routing", ["native", "plugin"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_pruned_bundles_pass_tensorrt_checks(method, routing, pruned_bundles):
+    from mllm_deploy.export.trt_check import check_bundle, inspect_bundle
+
+    bundle = pruned_bundles("gqa70", method, routing)
+    for version in ("10.16", "11.4"):
+        findings = check_bundle(bundle, version)
+        assert all(not f for f in findings.values()), findings
+    if routing == "plugin" and method != "vtw":
+        assert set(inspect_bundle(bundle, "11.4")[1]) >= {"TokenSelect", "VisualScore"}
+
+
+def test_export_check_trt_flag(tiny_model_dirs, recipes, tmp_path):
+    from conftest import run_cli
+
+    ok = run_cli("export-mllm", "--model", str(tiny_model_dirs["gqa56"]), "--recipe", str(recipes["gqa56", "fastv"]),
+                 "--routing", "plugin", "--check-trt", "10.16", "-o", str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+    assert "check-trt 10.16: 0 problems" in ok.stderr
+    bad = run_cli("export-mllm", "--model", str(tiny_model_dirs["gqa56"]), "--opset", "21", "--check-trt", "10.3",
+                  "-o", str(tmp_path / "bad"))
+    assert bad.returncode == 1 and "TensorRT 10.3" in bad.stderr and "opset 21" in bad.stderr
+    assert not (tmp_path / "bad").exists()
