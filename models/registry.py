@@ -17,6 +17,7 @@ from mllm_deploy.models.spec import ModelSpec, read_config, spec_from_config
 BUILTIN_MODELS: dict[str, str] = {
     # name -> "module:function(target_dir)" that writes a complete HF model directory
     "tiny-llava": "mllm_deploy.models.tiny:write_tiny_llava",
+    "small-llava": "mllm_deploy.models.tiny:write_small_llava",
 }
 
 

@@ -182,3 +182,16 @@ def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+SMALL_LLAVA = TinyLlavaConfig(
+    # LLaVA-1.5's visual geometry (336 px, patch 14: 576 visual tokens) in front of a ~200M
+    # parameter Llama (hidden 1024, 16 layers): big enough that prefill is dominated by matrix
+    # products, small enough to benchmark on two CPU cores. The vision tower is kept small.
+    seed=0, image_size=336, patch_size=14, vision_hidden=256, vision_layers=2, vision_heads=4,
+    text_hidden=1024, text_layers=16, text_heads=16, text_kv_heads=16, text_intermediate=2816, init_std=0.02,
+)
+
+
+def write_small_llava(target: str | Path) -> Path:
+    return write_tiny_llava(target, SMALL_LLAVA)

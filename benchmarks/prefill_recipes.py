@@ -1,0 +1,109 @@
+"""Prefill time of dense vs FastV vs FitPrune bundles on one backend, beside the FLOPs model.
+
+    .venv/bin/python benchmarks/prefill_recipes.py [--model small-llava] [--repeats 7] [--workdir DIR]
+
+Calibrates the recipes (FastV K=2 R=0.5 static; FitPrune budget 0.5 on builtin:synthetic:4),
+exports fp32 bundles with native routing (reused when present), then times the prefill graph
+alone on ONNX Runtime CPU: warm-up, then repeats taken round-robin across bundles so drift
+hits all alike. Reports medians, min/max and speedups measured in the same run, beside the
+speedup the `exact` FLOPs model predicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECIPES = {
+    "dense": dict(method="dense"),
+    "fastv-k2-r0.5": dict(method="fastv", fastv_k=2, fastv_r=0.5),
+    "fitprune-0.5": dict(method="fitprune", budget=0.5, data="builtin:synthetic:4"),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small-llava")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--text-before", type=int, default=5)
+    p.add_argument("--text-after", type=int, default=35)
+    p.add_argument("--workdir", default="out/bench-prefill")
+    p.add_argument("--json", default=None, help="write results here")
+    args = p.parse_args()
+
+    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+    from mllm_deploy.models.registry import load_spec
+    from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.generator import Generator
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    _, spec = load_spec(args.model)
+    bundles, recipes = {}, {}
+    for name, options in RECIPES.items():
+        recipe_path = work / f"{name}.json"
+        if not recipe_path.exists():
+            t0 = time.perf_counter()
+            recipe_path.write_text(calibrate(args.model, CalibOptions(**options), log=print).to_json())
+            print(f"{name}: calibrated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        bundle = work / f"bundle-{name}"
+        if not (bundle / "manifest.json").exists():
+            t0 = time.perf_counter()
+            export_bundle(args.model, bundle, ExportOptions(recipe=str(recipe_path), force=True), log=print)
+            print(f"{name}: exported in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        bundles[name] = bundle
+        from mllm_deploy.calib.recipe import load_recipe
+
+        recipes[name] = load_recipe(recipe_path, spec)
+
+    n = spec.visual_tokens
+    text = args.text_before + args.text_after
+    rng = np.random.default_rng(0)
+    ids = rng.integers(8, spec.text.vocab_size - 8, size=text + n)
+    ids[args.text_before:args.text_before + n] = spec.image_token_id
+    ids = ids[None].astype(np.int64)
+    features = rng.standard_normal((1, n, spec.text.hidden_size)).astype(np.float32)
+
+    generators = {name: Generator(load_bundle(b)).__enter__() for name, b in bundles.items()}
+    times: dict[str, list[float]] = {name: [] for name in bundles}
+    for _ in range(args.warmup):
+        for name, gen in generators.items():
+            gen.prefill(ids, features, capacity_extra=1)
+    for _ in range(args.repeats):
+        for name, gen in generators.items():
+            gen.prefill(ids, features, capacity_extra=1)
+            times[name].append(gen.runners["prefill"].last_inference_ms)
+
+    dense_ms = statistics.median(times["dense"])
+    rows = []
+    for name in bundles:
+        flops = prefill_cost(spec, recipes[name], text_tokens=text, formula="exact", prefix_tokens=args.text_before)
+        med = statistics.median(times[name])
+        predicted = flops.dense / flops.recipe
+        measured = dense_ms / med
+        rows.append({"recipe": name, "visual_tokens": recipes[name].visual_tokens, "prefill_ms_median": med,
+                     "prefill_ms_min": min(times[name]), "prefill_ms_max": max(times[name]),
+                     "gflops": flops.recipe / 1e9, "flops_speedup": predicted, "measured_speedup": measured,
+                     "efficiency": measured / predicted})
+    print(f"| recipe | prefill ms median (min-max) | GFLOPs (exact) | FLOPs speedup | measured speedup | measured/FLOPs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['prefill_ms_median']:.0f} ({r['prefill_ms_min']:.0f}-{r['prefill_ms_max']:.0f}) |"
+              f" {r['gflops']:.1f} | {r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "prompt_tokens": int(ids.shape[1]),
+                                               "repeats": args.repeats, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
