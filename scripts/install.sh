@@ -10,12 +10,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
+# this project's build machines list extra package folders that may be absent: drop pip's notes on them
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${PIP[@]}" install "${TORCH_SPEC:-torch}"
+    quiet "${PIP[@]}" install "${TORCH_SPEC:-torch}"
   else
-    "${PIP[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
+    quiet "${PIP[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-"${PIP[@]}" install -e ".[export,dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+quiet "${PIP[@]}" install -e ".[export,dev]"
 .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__ else 1)"

@@ -152,10 +152,11 @@ def test_plugin_bundle_uses_one_node_per_routing_step(pruned_bundles, recipes):
 
 @pytest.mark.parametrize("routing", ["native", "plugin"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_pruned_bundles_pass_tensorrt_checks(method, routing, pruned_bundles):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_pruned_bundles_pass_tensorrt_checks(config, method, routing, pruned_bundles):
     from mllm_deploy.export.trt_check import check_bundle, inspect_bundle
 
-    bundle = pruned_bundles("gqa70", method, routing)
+    bundle = pruned_bundles(config, method, routing)
     for version in ("10.16", "11.4"):
         findings = check_bundle(bundle, version)
         assert all(not f for f in findings.values()), findings
