@@ -28,6 +28,7 @@ class CalibOptions:
     budget: float | None = None
     schedule: list[int] | None = None
     text_tokens: int = 64  # for the recipe's FLOPs figures
+    random_selection: bool = False  # baseline: same token counts, a fixed random subset kept
 
 
 def model_inputs(model_dir: Path, samples) -> list:
@@ -91,6 +92,13 @@ def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
         recipe = _vtw(hf_model, spec, inputs, options, log) if method == "vtw" else _fitprune(hf_model, spec, inputs, options, log)
     else:
         raise MllmError(f"unknown --method {method}")
+    if options.random_selection:
+        if recipe.method_name == "dense":
+            raise MllmError("--random-selection needs a pruning method")
+        from dataclasses import replace
+
+        recipe.score = replace(recipe.score, combine="random", seed=options.seed)
+        recipe.method = {**recipe.method, "selection": "random"}
     dense = prefill_cost(spec, None, options.text_tokens, "exact")
     pruned = prefill_cost(spec, recipe, options.text_tokens, "exact")
     recipe.flops = {"formula": "exact", "text_tokens": options.text_tokens, "dense": dense.dense,

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="recipe.json to write")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens assumed for the recipe's FLOPs figures")
+    p.add_argument("--random-selection", action="store_true",
+                   help="baseline: keep the method's token counts but a fixed random subset (seeded by --seed)")
     g = p.add_argument_group("fastv")
     g.add_argument("--fastv-k", type=int, default=2, help="first pruned layer (default 2)")
     g.add_argument("--fastv-r", type=float, default=0.5, help="share of visual tokens dropped (default 0.5)")
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, data=args.data, skip_bad=args.skip_bad, seed=args.seed, fastv_k=args.fastv_k,
         fastv_r=args.fastv_r, pdrop_layers=args.pdrop_layers, pdrop_ratio=args.pdrop_ratio, vtw_eta=args.vtw_eta,
         vtw_first_layer=args.vtw_first_layer, budget=args.budget, schedule=args.schedule, text_tokens=args.text_tokens,
+        random_selection=args.random_selection,
     )
     recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr))
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from mllm_deploy.core.errors import MllmError
 
 SYNTHETIC_PREFIX = "builtin:synthetic:"
+SHAPES_PREFIX = "builtin:shapes-vqa:"  # builtin:shapes-vqa:SPLIT:N
 SYNTHETIC_QUESTIONS = (
     "What colour is the largest shape?",
     "How many shapes are in the image?",
@@ -64,6 +65,17 @@ def _synthetic(count_text: str, seed: int) -> list[CalibSample]:
             for i in range(count)]
 
 
+def _shapes(rest: str) -> list[CalibSample]:
+    from mllm_deploy.datasets import shapes_vqa
+
+    split, _, count_text = rest.partition(":")
+    if split not in shapes_vqa.SPLIT_SEEDS or not count_text.isdigit() or int(count_text) < 1:
+        raise CalibrationDataError(f"'{SHAPES_PREFIX}{rest}': expected SPLIT:N with SPLIT one of"
+                                   f" {', '.join(shapes_vqa.SPLIT_SEEDS)} and N >= 1")
+    return [CalibSample(e.image, e.question, f"shapes-vqa:{split}:{e.index}")
+            for e in shapes_vqa.examples(split, int(count_text))]
+
+
 def _jsonl(path: Path, skip_bad: bool) -> list[CalibSample]:
     from mllm_deploy.core.errors import ImageError
     from mllm_deploy.runtime.preprocess import load_image
@@ -106,8 +118,10 @@ def _jsonl(path: Path, skip_bad: bool) -> list[CalibSample]:
 def load_calibration_data(spec: str, skip_bad: bool = False, seed: int = 0) -> list[CalibSample]:
     if spec.startswith(SYNTHETIC_PREFIX):
         return _synthetic(spec[len(SYNTHETIC_PREFIX):], seed)
+    if spec.startswith(SHAPES_PREFIX):
+        return _shapes(spec[len(SHAPES_PREFIX):])
     if spec.startswith("builtin:"):
-        raise CalibrationDataError(f"unknown built-in data '{spec}'; use {SYNTHETIC_PREFIX}N")
+        raise CalibrationDataError(f"unknown built-in data '{spec}'; use {SYNTHETIC_PREFIX}N or {SHAPES_PREFIX}SPLIT:N")
     return _jsonl(Path(spec), skip_bad)
 
 

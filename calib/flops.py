@@ -86,8 +86,8 @@ def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens
             candidates = attention[l - 1] if l > 0 else spec.visual_tokens
         else:
             candidates = attention[l]
-        if mlp[l] == 0:
-            continue  # keeping none needs no ranking: the visual span is sliced away (VTW)
+        if mlp[l] == 0 or recipe.score.combine == "random":
+            continue  # no ranking: the span is sliced away (VTW) or the subset is fixed (random baseline)
         rank_layer = l + offset
         if rank_layer < 0:
             raise RecipeError(f"recipe ranks layer {l}'s tokens with the attention of layer {rank_layer}, which does not exist")

@@ -27,7 +27,7 @@ METHODS = ("dense", "fastv", "pdrop", "vtw", "fitprune", "mod")
 PRUNE_STAGES = ("layer_input", "after_attention")
 QUERY_ROWS = ("last_text", "text", "visual_and_text")
 HEAD_REDUCTIONS = ("mean", "max")
-COMBINES = ("single", "self_times_cross")
+COMBINES = ("single", "self_times_cross", "random")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ScoreSpec:
     head_reduction: str = "mean"
     combine: str = "single"  # FitPrune ranks by self-attention mass x cross-attention mass
     attention_layer_offset: int = 0  # -1: rank with the previous layer's attention (FastV)
+    seed: int = 0  # combine="random": the baseline that keeps a fixed random subset per layer
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,14 @@ class Recipe:
             have = getattr(self.model, key)
             if have != value:
                 raise RecipeError(f"recipe does not match the model: model.{key} is {have!r} in the recipe, {value!r} in the model")
+
+
+def random_scores(seed: int, layer: int, n_vis: int):
+    """Scores of the random-selection baseline: fixed per (seed, layer), the same for every image,
+    so the reference and the exported graph keep the same tokens."""
+    import numpy as np
+
+    return np.random.default_rng([seed, layer]).random(n_vis).astype(np.float32)
 
 
 def model_ref(spec) -> ModelRef:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from mllm_deploy.calib import scoring
-from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.calib.recipe import Recipe, random_scores
 
 # observer(layer, q, k, positions, vis_start, n_vis): sees each layer's post-RoPE q and
 # GQA-repeated k over the tokens the layer processes (calibration statistics hook).
@@ -101,7 +101,9 @@ class RecipeReference:
                 if want == 0:
                     keep_vis = torch.zeros(0, dtype=torch.long)
                 else:
-                    if recipe.score.attention_layer_offset == -1:
+                    if recipe.score.combine == "random":
+                        scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis))
+                    elif recipe.score.attention_layer_offset == -1:
                         scores = pending_scores
                     else:
                         q, k, _ = self._project(layer, layer.input_layernorm(x), positions)
@@ -116,12 +118,16 @@ class RecipeReference:
             if observer is not None:
                 observer(l, q, self._repeat(k), positions, vis_start, n_vis)
             next_want = recipe.visual_tokens[l + 1] if l + 1 < recipe.num_layers else n_vis
-            if recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1 and 0 < next_want < n_vis:
+            if (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
+                    and recipe.score.combine != "random" and 0 < next_want < n_vis):
                 pending_scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
             ctx = self._attend(q, k, v, positions, positions)
             if recipe.prune_stage == "after_attention" and mlp_tokens[l] < n_vis:
                 # FitPrune: rows leave after this layer's attention, before o_proj and the MLP
-                scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
+                if recipe.score.combine == "random":
+                    scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis))
+                else:
+                    scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
                 keep_vis = scoring.select_top(scores, mlp_tokens[l])
                 ctx, _ = self._select(ctx, positions, vis_start, n_vis, keep_vis)
                 x, positions = self._select(x, positions, vis_start, n_vis, keep_vis)

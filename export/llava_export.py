@@ -176,6 +176,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
             "kv_cache": {
                 "layout": "[1, num_kv_heads, length, head_dim] per layer",
                 "formula": "kv_len[l] = prompt_len - visual_tokens + recipe.visual_tokens[l]",
+                "visual_tokens_per_layer": list(recipe.visual_tokens),
                 "decode": "static buffers; decode writes new.{l}.* at slot past_lengths[l]",
             },
             "tokenizer": tokenizer,

@@ -73,6 +73,12 @@ class PrefillBuilder:
         return routing.visual_score(g, self.mode, self.recipe.score, q, k, positions, self.vis_start, n_vis,
                                     **self.score_args)
 
+    def _random_scores(self, l: int, n_vis: int) -> str:
+        """The random-selection baseline: a constant score vector, the same for every image."""
+        from mllm_deploy.calib.recipe import random_scores
+
+        return self.g.const(random_scores(self.recipe.score.seed, l, n_vis), name=f"random_scores.{l}")
+
     def build(self) -> None:
         g, spec, recipe = self.g, self.spec, self.recipe
         t = spec.text
@@ -92,7 +98,12 @@ class PrefillBuilder:
                             if want == 0:
                                 x, positions = routing.drop_visual_span(g, x, positions, self.vis_start, n_vis)
                             else:
-                                scores = pending if offset == -1 else self._pdrop_scores(l, x, positions, n_vis, cos, sin)
+                                if recipe.score.combine == "random":
+                                    scores = self._random_scores(l, n_vis)
+                                elif offset == -1:
+                                    scores = pending
+                                else:
+                                    scores = self._pdrop_scores(l, x, positions, n_vis, cos, sin)
                                 x, positions, _ = routing.token_select(g, self.mode, scores, self.vis_start, x,
                                                                        positions, want, n_vis)
                             n_vis = want
@@ -102,7 +113,8 @@ class PrefillBuilder:
                     g.output(k, f"present.{l}.key", self.ft, kv_dims)
                     g.output(v, f"present.{l}.value", self.ft, kv_dims)
                     next_want = recipe.visual_tokens[l + 1] if l + 1 < t.num_layers else n_vis
-                    if recipe.prune_stage == "layer_input" and offset == -1 and 0 < next_want < n_vis:
+                    if (recipe.prune_stage == "layer_input" and offset == -1 and recipe.score.combine != "random"
+                            and 0 < next_want < n_vis):
                         with g.scope("rank"):
                             pending = routing.visual_score(g, self.mode, recipe.score, q, k, positions,
                                                            self.vis_start, n_vis, **self.score_args)
@@ -110,8 +122,13 @@ class PrefillBuilder:
                         with g.scope("route"):
                             # FitPrune: rows leave after attention, before o_proj; ctx and the residual
                             # travel together so one selection moves both
-                            scores = None if mlp_visual[l] == 0 else routing.visual_score(
-                                g, self.mode, recipe.score, q, k, positions, self.vis_start, n_vis, **self.score_args)
+                            if mlp_visual[l] == 0:
+                                scores = None
+                            elif recipe.score.combine == "random":
+                                scores = self._random_scores(l, n_vis)
+                            else:
+                                scores = routing.visual_score(g, self.mode, recipe.score, q, k, positions,
+                                                              self.vis_start, n_vis, **self.score_args)
                             width = t.num_heads * t.head_dim
                             both = g.op("Concat", [ctx, x], axis=-1)
                             if mlp_visual[l] == 0:

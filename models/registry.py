@@ -14,11 +14,16 @@ from pathlib import Path
 from mllm_deploy.core.errors import InputFileError
 from mllm_deploy.models.spec import ModelSpec, read_config, spec_from_config
 
-BUILTIN_MODELS: dict[str, str] = {
+GENERATED_MODELS: dict[str, str] = {
     # name -> "module:function(target_dir)" that writes a complete HF model directory
     "tiny-llava": "mllm_deploy.models.tiny:write_tiny_llava",
     "small-llava": "mllm_deploy.models.tiny:write_small_llava",
 }
+PACKAGED_MODELS: dict[str, str] = {
+    # name -> "module:function()" returning a model directory shipped in the repository
+    "shapes-llava": "mllm_deploy.models.shapes_llava:packaged_model",
+}
+BUILTIN_MODELS = {**GENERATED_MODELS, **PACKAGED_MODELS}
 
 
 def cache_dir() -> Path:
@@ -29,6 +34,8 @@ def cache_dir() -> Path:
 def _materialise_builtin(name: str) -> Path:
     module_name, func_name = BUILTIN_MODELS[name].split(":")
     module = importlib.import_module(module_name)
+    if name in PACKAGED_MODELS:
+        return Path(getattr(module, func_name)())
     version = getattr(module, "BUILTIN_VERSION", "1")
     target = cache_dir() / "models" / f"{name}-v{version}"
     if (target / "config.json").is_file():

@@ -190,3 +190,9 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
         fingerprint=sha256_text(canonical_json(text)),
     )
+
+
+def spec_from_manifest(model: dict) -> ModelSpec:
+    """Rebuild the ModelSpec a bundle's manifest recorded (``manifest["model"]``)."""
+    fields = {k: v for k, v in model.items() if k not in ("vision", "text", "visual_tokens")}
+    return ModelSpec(vision=VisionSpec(**model["vision"]), text=TextSpec(**model["text"]), **fields)

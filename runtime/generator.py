@@ -38,6 +38,7 @@ class Generation:
     prompt_tokens: int
     timings: Timings
     stop_reason: str  # "eos" or "length"
+    first_logits: np.ndarray | None = None  # [V] logits of the first generated token (accuracy checks)
 
 
 class Generator:
@@ -132,6 +133,7 @@ class Generator:
         logits, cache = self.prefill(input_ids, features, capacity_extra=max_new_tokens)
         t2 = time.perf_counter()
         timings.vision_ms, timings.prefill_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        first_logits = logits
         tokens: list[int] = []
         stop_reason = "length"
         for step in range(max_new_tokens):
@@ -149,4 +151,5 @@ class Generator:
             logits = self.decode(token, prompt_len + step, cache)
             timings.decode_ms.append((time.perf_counter() - ts) * 1e3)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
-        return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason)
+        return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason,
+                          first_logits=first_logits)

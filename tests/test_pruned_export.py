@@ -175,3 +175,30 @@ def test_export_check_trt_flag(tiny_model_dirs, recipes, tmp_path):
                   "-o", str(tmp_path / "bad"))
     assert bad.returncode == 1 and "TensorRT 10.3" in bad.stderr and "opset 21" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("routing", ["native", "plugin"])
+@pytest.mark.parametrize("base", ["fastv", "fitprune"])
+def test_random_selection_baseline(base, routing, tiny_model_dirs, hf_models, tmp_path):
+    """Same token counts as the method, a fixed random subset: no ranking in the graph, and the
+    bundle still generates what the reference of its recipe generates."""
+    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.reference import RecipeReference
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    options = dict(METHODS[base], random_selection=True, seed=5)
+    recipe = calibrate(str(tiny_model_dirs["gqa56"]), CalibOptions(**options), log=lambda m: None)
+    assert recipe.score.combine == "random" and recipe.method["selection"] == "random"
+    path = tmp_path / "random.json"
+    path.write_text(recipe.to_json())
+    bundle = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "b", ExportOptions(recipe=str(path), routing=routing),
+                           log=lambda m: None)
+    model = onnx.load(bundle / "prefill.onnx", load_external_data=False)
+    assert not [n for n in model.graph.node if "VisualScore" in n.name or n.op_type == "VisualScore"]
+    with Pipeline.load(bundle) as pipe:
+        ids = pipe.input_ids(prompt="What is in the image?")
+        pixels = pipe.pixel_values(make_image(tmp_path / "r.png", seed=9))
+        ours = pipe.generator.generate(ids, pixels, NEW_TOKENS, ignore_eos=True).tokens
+    theirs = RecipeReference(hf_models["gqa56"], recipe).generate(torch.from_numpy(ids), torch.from_numpy(pixels), NEW_TOKENS)
+    assert ours == theirs

@@ -1,0 +1,1 @@
+"""Datasets made by code (no downloads): ``shapes-vqa``. NumPy and Pillow only."""

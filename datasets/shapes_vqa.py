@@ -1,0 +1,170 @@
+"""shapes-vqa: procedurally drawn scenes and questions that cannot be answered without looking.
+
+A 64x64 image holds 2-5 objects, each in its own cell of a 4x4 grid (jittered inside the
+cell): a circle, square or triangle in one of six colours, small or large, on a tinted, noisy
+background. Every object has a distinct (colour, shape) pair so it can be named unambiguously.
+Questions ask for the colour of the object at a grid place, the count of a shape, whether one
+named object is left of / above another, whether a named object exists, and the shape of the
+object of a colour. Answers are one word.
+
+Splits come from disjoint seed ranges, so train, validation and test never share a scene.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 64
+GRID = 4
+CELL = IMAGE_SIZE // GRID
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (150, 60, 190), "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+ORDINALS = ("one", "two", "three", "four")  # grid rows/columns are named, not digits
+SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+QUESTION_TYPES = ("colour_at", "count", "left_of", "above", "exists", "shape_of_colour")
+
+TEMPLATES = {
+    "colour_at": ["what colour is the object in row {r} column {c} ?",
+                  "which colour does the shape at row {r} , column {c} have ?",
+                  "the object in row {r} and column {c} is what colour ?"],
+    "count": ["how many {s}s are there ?", "count the {s}s .", "how many {s}s can you see ?"],
+    "left_of": ["is the {c1} {s1} left of the {c2} {s2} ?", "is the {c1} {s1} to the left of the {c2} {s2} ?"],
+    "above": ["is the {c1} {s1} above the {c2} {s2} ?", "is the {c1} {s1} higher than the {c2} {s2} ?"],
+    "exists": ["is there a {c} {s} ?", "can you see a {c} {s} ?", "does the image contain a {c} {s} ?"],
+    "shape_of_colour": ["what shape is the {c} object ?", "which shape is {c} ?", "the {c} object is which shape ?"],
+}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    large: bool
+    row: int
+    col: int
+    cx: int
+    cy: int
+
+
+@dataclass
+class Example:
+    image: object  # PIL.Image.Image
+    question: str
+    answer: str
+    kind: str
+    index: int
+
+
+def vocabulary() -> list[str]:
+    """Every word a question or answer can use (the word tokenizer's vocabulary)."""
+    words = set(NUMBERS) | set(ORDINALS) | set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"yes", "no"}
+    for templates in TEMPLATES.values():
+        for template in templates:
+            words.update(w for w in template.split() if not w.startswith("{"))
+    return sorted(words)
+
+
+def _scene(rng: np.random.Generator) -> list[SceneObject]:
+    count = int(rng.integers(2, 6))
+    cells = rng.choice(GRID * GRID, size=count, replace=False)
+    pairs = rng.choice(len(COLOURS) * len(SHAPES), size=count, replace=False)
+    colours = list(COLOURS)
+    objects = []
+    for cell, pair in zip(cells, pairs):
+        row, col = divmod(int(cell), GRID)
+        cx = col * CELL + CELL // 2 + int(rng.integers(-2, 3))
+        cy = row * CELL + CELL // 2 + int(rng.integers(-2, 3))
+        objects.append(SceneObject(SHAPES[pair % 3], colours[pair // 3], bool(rng.random() < 0.5), row, col, cx, cy))
+    return objects
+
+
+def render(objects: list[SceneObject], rng: np.random.Generator):
+    from PIL import Image, ImageDraw
+
+    tint = rng.integers(170, 246, 3)
+    pixels = np.clip(tint[None, None, :] + rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        r = 6 if obj.large else 3
+        box = [obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r]
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(obj.cx, obj.cy - r), (obj.cx - r, obj.cy + r), (obj.cx + r, obj.cy + r)], fill=fill)
+    return image
+
+
+def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str] | None:
+    template = TEMPLATES[kind][int(rng.integers(len(TEMPLATES[kind])))]
+    if kind == "colour_at":
+        obj = objects[int(rng.integers(len(objects)))]
+        return template.format(r=ORDINALS[obj.row], c=ORDINALS[obj.col]), obj.colour
+    if kind == "count":
+        shape = SHAPES[int(rng.integers(3))]
+        return template.format(s=shape), NUMBERS[sum(o.shape == shape for o in objects)]
+    if kind in ("left_of", "above"):
+        attr = "col" if kind == "left_of" else "row"
+        pairs = [(a, b) for a in objects for b in objects if getattr(a, attr) != getattr(b, attr)]
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        answer = "yes" if getattr(a, attr) < getattr(b, attr) else "no"
+        return template.format(c1=a.colour, s1=a.shape, c2=b.colour, s2=b.shape), answer
+    if kind == "exists":
+        present = {(o.colour, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            colour, shape = sorted(present)[int(rng.integers(len(present)))]
+            return template.format(c=colour, s=shape), "yes"
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        colour, shape = absent[int(rng.integers(len(absent)))]
+        return template.format(c=colour, s=shape), "no"
+    unique = [o for o in objects if sum(p.colour == o.colour for p in objects) == 1]
+    if not unique:
+        return None
+    obj = unique[int(rng.integers(len(unique)))]
+    return template.format(c=obj.colour), obj.shape
+
+
+def example(split: str, index: int) -> Example:
+    """The index-th example of a split: deterministic, independent of any other example."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_SEEDS)}")
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
+    objects = _scene(rng)
+    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    qa = _question(kind, objects, rng)
+    while qa is None:  # the scene cannot ask this kind (e.g. no unique colour): fall back in order
+        kind = QUESTION_TYPES[(QUESTION_TYPES.index(kind) + 1) % len(QUESTION_TYPES)]
+        qa = _question(kind, objects, rng)
+    return Example(render(objects, rng), qa[0], qa[1], kind, index)
+
+
+def examples(split: str, count: int, start: int = 0) -> list[Example]:
+    return [example(split, i) for i in range(start, start + count)]
+
+
+def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str, str]]]:
+    """One scene with a question of every kind it can ask: (image, [(question, answer, kind)]).
+
+    Training packs these as one multi-turn conversation, so the image is encoded once for
+    several supervised answers.
+    """
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
+    objects = _scene(rng)
+    image = render(objects, rng)
+    qas = []
+    for kind in rng.permutation(QUESTION_TYPES):
+        qa = _question(str(kind), objects, rng)
+        if qa is not None:
+            qas.append((qa[0], qa[1], str(kind)))
+    return image, qas

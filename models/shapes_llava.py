@@ -1,0 +1,107 @@
+"""``shapes-llava``: a small LLaVA trained here on shapes-vqa, shipped in the repository.
+
+Architecture: CLIP-style vision tower (64 px, patch 4: 256 visual tokens), MLP projector,
+Llama text model, a word-level tokenizer over the dataset's vocabulary and a LLaVA-1.5 style
+chat template. ``write_untrained`` makes the initial model directory the training script
+starts from; the trained one lives in ``models/data/shapes-llava``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mllm_deploy.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+PACKAGED_DIR = Path(__file__).parent / "data" / "shapes-llava"
+
+GEOMETRY = dict(
+    image_size=64, patch_size=4, vision_hidden=96, vision_layers=3, vision_heads=4, vision_intermediate=256,
+    text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=352,
+)
+
+
+def build_word_tokenizer():
+    """Word-level tokenizer over shapes-vqa's words and the chat template's words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from mllm_deploy.datasets.shapes_vqa import vocabulary
+
+    words = SPECIAL_TOKENS + ["user", "assistant", ":"] + vocabulary()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return tok
+
+
+def _lowercase_template() -> str:
+    # the word tokenizer lowercases, so the template's role names are lowercase words too
+    return CHAT_TEMPLATE.replace("'USER: '", "'user : '").replace("'ASSISTANT: '", "'assistant : '").replace(
+        "'ASSISTANT:'", "'assistant :'")
+
+
+def write_untrained(target: str | Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    g = GEOMETRY
+    tok = build_word_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=g["vision_hidden"], intermediate_size=g["vision_intermediate"],
+                              num_hidden_layers=g["vision_layers"], num_attention_heads=g["vision_heads"],
+                              image_size=g["image_size"], patch_size=g["patch_size"], projection_dim=g["vision_hidden"])
+    text = LlamaConfig(hidden_size=g["text_hidden"], intermediate_size=g["text_intermediate"],
+                       num_hidden_layers=g["text_layers"], num_attention_heads=g["text_heads"],
+                       num_key_value_heads=g["text_kv_heads"], vocab_size=tok.get_vocab_size(),
+                       max_position_embeddings=512, bos_token_id=tok.token_to_id("<s>"),
+                       eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"),
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.token_to_id("<image>"))
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(text, key))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": g["image_size"]},
+                                              crop_size={"height": g["image_size"], "width": g["image_size"]}),
+        tokenizer=fast, patch_size=g["patch_size"], vision_feature_select_strategy="default",
+        chat_template=_lowercase_template(), num_additional_image_tokens=1,
+    )
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def packaged_model(target=None) -> Path:
+    """The trained model shipped in the repository (registry entry for ``shapes-llava``)."""
+    if not (PACKAGED_DIR / "model.safetensors").is_file():
+        from mllm_deploy.core.errors import MllmError
+
+        raise MllmError(f"shapes-llava weights are missing from {PACKAGED_DIR}; train them with "
+                        "`python -m mllm_deploy.models.shapes_train`")
+    return PACKAGED_DIR
+
+
+def training_summary() -> dict:
+    path = PACKAGED_DIR / "training_log.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

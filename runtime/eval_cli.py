@@ -1,0 +1,61 @@
+"""eval-mllm: accuracy of bundles on shapes-vqa or your own JSONL, against the dense bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mllm_deploy.core import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval-mllm", description=__doc__)
+    p.add_argument("bundles", nargs="+", help="bundle directories (a dense one is the reference when given)")
+    p.add_argument("--dataset", required=True,
+                   help="shapes-vqa[:split][:N] (default test:500) or a JSONL of {image, question, answer}")
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--json", dest="json_out", help="write results (with every answer) to this file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.core.errors import MllmError
+    from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
+
+    if args.max_new_tokens < 1:
+        raise MllmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for bundle in args.bundles:  # every bundle is checked before any work
+        load_bundle(bundle)
+    items = load_eval_data(args.dataset)
+    results = evaluate(args.bundles, items, args.max_new_tokens)
+    print(f"{args.dataset}: {len(items)} questions; reference {Path(results[0].reference).name}")
+    print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction | prefill ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {Path(r.bundle).name} | {r.method} | {r.accuracy:.1%} ({r.ci_low:.1%}-{r.ci_high:.1%}) |"
+              f" {r.agreement:.1%} | {r.mean_kl:.4f} | {r.flops_reduction:.1%} | {r.prefill_ms_median:.1f} |")
+    if args.json_out:
+        out = Path(args.json_out)
+        payload = {"schema": "mllm-deploy/eval@1", "dataset": args.dataset, "questions": len(items),
+                   "results": [r.summary() for r in results],
+                   "answers": {Path(r.bundle).name: r.answers for r in results},
+                   "expected": [i.answer for i in items]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+        os.replace(tmp, out)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main("eval-mllm", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

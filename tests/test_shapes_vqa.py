@@ -1,0 +1,51 @@
+"""shapes-vqa is deterministic, its splits are disjoint, and its questions need the image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mllm_deploy.datasets import shapes_vqa
+
+
+def test_examples_are_deterministic_and_independent():
+    a = shapes_vqa.example("train", 17)
+    b = shapes_vqa.examples("train", 3, start=16)[1]
+    assert (a.question, a.answer, a.kind) == (b.question, b.answer, b.kind)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_splits_do_not_share_scenes():
+    def scenes(split):
+        return {np.asarray(e.image).tobytes() for e in shapes_vqa.examples(split, 150)}
+
+    train, val, test = scenes("train"), scenes("validation"), scenes("test")
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_every_question_kind_and_answer_is_in_the_vocabulary():
+    items = shapes_vqa.examples("validation", 300)
+    vocab = set(shapes_vqa.vocabulary())
+    assert {e.kind for e in items} == set(shapes_vqa.QUESTION_TYPES)
+    for e in items:
+        assert e.answer in vocab
+        assert all(w in vocab for w in e.question.split())
+        assert e.image.size == (shapes_vqa.IMAGE_SIZE, shapes_vqa.IMAGE_SIZE)
+
+
+def test_answers_follow_the_scene():
+    """Re-derive answers from the drawn pixels for colour_at questions: the named cell holds that colour."""
+    for e in shapes_vqa.examples("test", 60):
+        if e.kind != "colour_at":
+            continue
+        words = e.question.split()
+        row = shapes_vqa.ORDINALS.index(words[words.index("row") + 1])
+        col = shapes_vqa.ORDINALS.index(words[words.index("column") + 1])
+        cell = np.asarray(e.image)[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].reshape(-1, 3).astype(int)
+        target = np.array(shapes_vqa.COLOURS[e.answer])
+        assert (np.abs(cell - target).sum(axis=1) < 30).sum() >= 9  # a small object covers 9+ pixels
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes_vqa.example("dev", 0)
