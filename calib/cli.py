@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mllm_deploy.core import cli
@@ -47,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.core.fsutil import atomic_write_text
 
     output = Path(args.output)
     if output.is_dir():
@@ -58,15 +57,7 @@ def run(args: argparse.Namespace) -> int:
         random_selection=args.random_selection,
     )
     recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(recipe.to_json())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(output, recipe.to_json())
     flops = recipe.flops or {}
     prov = recipe.provenance
     per_sample = f", {prov['seconds_per_sample'] * 1e3:.0f} ms/sample" if "seconds_per_sample" in prov else ""

@@ -102,7 +102,7 @@ class RecipeReference:
                     keep_vis = torch.zeros(0, dtype=torch.long)
                 else:
                     if recipe.score.combine == "random":
-                        scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis))
+                        scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis)).to(x.device)
                     elif recipe.score.attention_layer_offset == -1:
                         scores = pending_scores
                     else:
@@ -125,7 +125,7 @@ class RecipeReference:
             if recipe.prune_stage == "after_attention" and mlp_tokens[l] < n_vis:
                 # FitPrune: rows leave after this layer's attention, before o_proj and the MLP
                 if recipe.score.combine == "random":
-                    scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis))
+                    scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis)).to(x.device)
                 else:
                     scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
                 keep_vis = scoring.select_top(scores, mlp_tokens[l])

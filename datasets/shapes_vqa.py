@@ -92,16 +92,19 @@ def render(objects: list[SceneObject], rng: np.random.Generator):
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        r = 6 if obj.large else 3
-        box = [obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r]
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(obj.cx, obj.cy - r), (obj.cx - r, obj.cy + r), (obj.cx + r, obj.cy + r)], fill=fill)
+        _draw(draw, obj, COLOURS[obj.colour])
     return image
+
+
+def _draw(draw, obj: SceneObject, fill) -> None:
+    r = 6 if obj.large else 3
+    box = [obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r]
+    if obj.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(obj.cx, obj.cy - r), (obj.cx - r, obj.cy + r), (obj.cx + r, obj.cy + r)], fill=fill)
 
 
 def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str] | None:
@@ -153,8 +156,27 @@ def examples(split: str, count: int, start: int = 0) -> list[Example]:
     return [example(split, i) for i in range(start, start + count)]
 
 
-def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str, str]]]:
-    """One scene with a question of every kind it can ask: (image, [(question, answer, kind)]).
+PATCH = 4  # shapes-llava's patch size: label maps are sampled at patch centres
+
+
+def patch_labels(objects: list[SceneObject]) -> np.ndarray:
+    """Per-patch class ([64/PATCH]^2, row-major): 0 background, else 1 + colour*3 + shape.
+
+    Drawn with the same geometry as ``render``, used as a training-only auxiliary target so the
+    vision tower learns what each patch shows."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    colours = list(COLOURS)
+    for obj in objects:
+        _draw(draw, obj, 1 + colours.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape))
+    centre = PATCH // 2
+    return np.asarray(canvas)[centre::PATCH, centre::PATCH].reshape(-1).astype(np.int64)
+
+
+def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str, str]], np.ndarray]:
+    """One scene with a question of every kind it can ask: (image, [(question, answer, kind)], patch labels).
 
     Training packs these as one multi-turn conversation, so the image is encoded once for
     several supervised answers.
@@ -167,4 +189,4 @@ def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str
         qa = _question(str(kind), objects, rng)
         if qa is not None:
             qas.append((qa[0], qa[1], str(kind)))
-    return image, qas
+    return image, qas, patch_labels(objects)

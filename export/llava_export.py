@@ -7,15 +7,13 @@ only after it verified, so an interrupted or failed export leaves nothing behind
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mllm_deploy import __version__
+from mllm_deploy.core.fsutil import atomic_directory
 from mllm_deploy.core.errors import InputFileError, MllmError, UnsupportedModelError, VerificationError
 from mllm_deploy.models.registry import load_spec
 from mllm_deploy.models.spec import ModelSpec
@@ -155,9 +153,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
     hf_model = _load_hf(model_dir, options.dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial.", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"
             f" {options.routing} routing)")
         weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
@@ -202,10 +198,4 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
                     f"{len(findings)} node(s) would be rejected by TensorRT {options.check_trt}'s ONNX parser, first:"
                     f" {findings[0].line()}; no bundle written"
                 )
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -9,11 +9,9 @@ starts from; the trained one lives in ``models/data/shapes-llava``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from mllm_deploy.core.fsutil import atomic_directory
 from mllm_deploy.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 PACKAGED_DIR = Path(__file__).parent / "data" / "shapes-llava"
@@ -77,18 +75,9 @@ def write_untrained(target: str | Path, seed: int = 0) -> Path:
         tokenizer=fast, patch_size=g["patch_size"], vision_feature_select_strategy="default",
         chat_template=_lowercase_template(), num_additional_image_tokens=1,
     )
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

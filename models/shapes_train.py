@@ -36,6 +36,21 @@ def prompt_builder(model_dir: Path):
                          int(config.get("image_token_id", config.get("image_token_index"))), patches)
 
 
+def _pad(rows: list[list[int]], labels: list[list[int]], pad_id: int):
+    """Right-padded input ids, attention mask and labels."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+        target[i, :len(label)] = torch.tensor(label)
+    return ids, mask, target
+
+
 def make_batch(examples, builder, image_config, eos_id: int, pad_id: int):
     """input_ids, attention_mask, labels, pixel_values for a list of shapes-vqa examples."""
     import numpy as np
@@ -49,14 +64,7 @@ def make_batch(examples, builder, image_config, eos_id: int, pad_id: int):
         answer = builder.tokenizer.encode(ex.answer, add_special_tokens=False).ids + [eos_id]
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-        target[i, :len(label)] = torch.tensor(label)
+    ids, mask, target = _pad(rows, labels, pad_id)
     pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, image_config) for ex in examples]))
     return ids, mask, target, pixels
 
@@ -70,7 +78,7 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
     from mllm_deploy.runtime.preprocess import preprocess
 
     rows, labels = [], []
-    for _image, qas in scenes:
+    for _image, qas, _labels in scenes:
         row = builder.encode(builder.render_chat(qas[0][0]))[0].tolist()
         label = [IGNORE] * len(row)
         for turn, (question, answer, _kind) in enumerate(qas):
@@ -83,16 +91,10 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
             label += target
         rows.append(row)
         labels.append(label)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-        target[i, :len(label)] = torch.tensor(label)
-    pixels = torch.from_numpy(np.concatenate([preprocess(image, image_config) for image, _ in scenes]))
-    return ids, mask, target, pixels
+    ids, mask, target = _pad(rows, labels, pad_id)
+    pixels = torch.from_numpy(np.concatenate([preprocess(image, image_config) for image, _, _ in scenes]))
+    patch_targets = torch.from_numpy(np.stack([labels for _, _, labels in scenes]))
+    return ids, mask, target, pixels, patch_targets
 
 
 def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id: int, batch: int = 64) -> float:
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--patch-loss-weight", type=float, default=0.5, help="auxiliary per-patch class loss (training only)")
     p.add_argument("--eval-size", type=int, default=384)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None, help="model directory to write (default: the packaged shapes-llava)")
@@ -147,7 +150,14 @@ def main(argv=None) -> int:
     builder = prompt_builder(init_dir)
     image_config = ImagePreprocessConfig.from_model_dir(init_dir)
     eos_id, pad_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    patch_classes = 1 + len(shapes_vqa.COLOURS) * len(shapes_vqa.SHAPES)
+    patch_head = torch.nn.Linear(model.config.text_config.hidden_size, patch_classes)
+    class_weight = torch.ones(patch_classes)
+    class_weight[0] = 0.1  # most patches are background
+    captured: dict = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(patch_head.parameters()), lr=args.lr,
+                                  weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -159,6 +169,7 @@ def main(argv=None) -> int:
     if args.resume and state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
+        patch_head.load_state_dict(state["patch_head"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
@@ -168,25 +179,33 @@ def main(argv=None) -> int:
     running = None
     while step < args.steps:
         scenes = [shapes_vqa.scene_questions("train", i) for i in range(step * args.batch, (step + 1) * args.batch)]
-        ids, mask, target, pixels = make_conversation_batch(scenes, builder, image_config, eos_id, pad_id)
+        ids, mask, target, pixels, patch_targets = make_conversation_batch(scenes, builder, image_config, eos_id, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=target).loss
+        answer_loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=target).loss
+        # auxiliary, training only: the projected visual tokens must tell what their patch shows
+        # (without it the answer loss alone left the visual tokens uninformative: the model sat at
+        # the question-prior accuracy and its loss did not change when images were shuffled)
+        patch_logits = patch_head(captured["features"]).reshape(-1, patch_classes)
+        patch_loss = torch.nn.functional.cross_entropy(patch_logits, patch_targets.reshape(-1), weight=class_weight)
+        loss = answer_loss + args.patch_loss_weight * patch_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+        running = float(answer_loss) if running is None else 0.95 * running + 0.05 * float(answer_loss)
         if step % 25 == 0:
-            print(f"step {step} loss {running:.4f} lr {lr_at(step):.2e} {time.perf_counter() - started:.0f}s",
+            print(f"step {step} answer loss {running:.4f} patch loss {float(patch_loss):.4f} lr {lr_at(step):.2e}"
+                  f" {time.perf_counter() - started:.0f}s",
                   file=sys.stderr, flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = answer_accuracy(model, val, builder, image_config, eos_id, pad_id)
             history.append({"step": step, "loss": round(running, 5), "val_accuracy": acc,
                             "seconds": round(time.perf_counter() - started, 1)})
             print(f"eval step {step}: validation accuracy {acc:.3f}", file=sys.stderr, flush=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            torch.save({"model": model.state_dict(), "patch_head": patch_head.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step,
                         "history": history, "elapsed": time.perf_counter() - started,
                         "torch_rng": torch.get_rng_state()}, state_path)
 
@@ -195,7 +214,7 @@ def main(argv=None) -> int:
     write_untrained(out, seed=args.seed)  # tokenizer, processor, template, config
     model.save_pretrained(out)
     log = {"model": "shapes-llava", "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-           "warmup": args.warmup, "train_scenes_seen": args.steps * args.batch,
+           "warmup": args.warmup, "patch_loss_weight": args.patch_loss_weight, "train_scenes_seen": args.steps * args.batch,
            "final_validation_accuracy": history[-1]["val_accuracy"] if history else None,
            "validation_examples": args.eval_size, "wall_seconds": round(time.perf_counter() - started, 1),
            "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",

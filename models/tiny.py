@@ -9,11 +9,10 @@ Hugging Face's default so that greedy decoding has clear winners instead of near
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mllm_deploy.core.fsutil import atomic_directory
 
 BUILTIN_VERSION = "1"
 
@@ -170,17 +169,10 @@ def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) 
         num_additional_image_tokens=1,  # the CLS position of a CLIP tower
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "mllm_deploy_builtin.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

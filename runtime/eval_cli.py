@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mllm_deploy.core import cli
@@ -45,11 +43,9 @@ def run(args: argparse.Namespace) -> int:
                    "results": [r.summary() for r in results],
                    "answers": {Path(r.bundle).name: r.answers for r in results},
                    "expected": [i.answer for i in items]}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, out)
+        from mllm_deploy.core.fsutil import atomic_write_text
+
+        atomic_write_text(out, json.dumps(payload, indent=2))
     return 0
 
 
