@@ -120,8 +120,8 @@ class PrefillBuilder:
                                                            self.vis_start, n_vis, **self.score_args)
                     if recipe.prune_stage == "after_attention" and mlp_visual[l] < n_vis:
                         with g.scope("route"):
-                            # FitPrune: rows leave after attention, before o_proj; ctx and the residual
-                            # travel together so one selection moves both
+                            # FitPrune: rows leave after attention, before o_proj, from both the
+                            # attention output and the residual
                             if mlp_visual[l] == 0:
                                 scores = None
                             elif recipe.score.combine == "random":
@@ -129,14 +129,21 @@ class PrefillBuilder:
                             else:
                                 scores = routing.visual_score(g, self.mode, recipe.score, q, k, positions,
                                                               self.vis_start, n_vis, **self.score_args)
-                            width = t.num_heads * t.head_dim
-                            both = g.op("Concat", [ctx, x], axis=-1)
                             if mlp_visual[l] == 0:
-                                both, positions = routing.drop_visual_span(g, both, positions, self.vis_start, n_vis)
+                                ctx, _ = routing.drop_visual_span(g, ctx, positions, self.vis_start, n_vis)
+                                x, positions = routing.drop_visual_span(g, x, positions, self.vis_start, n_vis)
+                            elif self.mode == "native":
+                                # one selection, its kept rows reused for the attention output
+                                x, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
+                                                                          positions, mlp_visual[l], n_vis)
+                                ctx = g.op("Gather", [ctx, rows], axis=1)
                             else:
+                                # the plugin moves one tensor: ctx and the residual travel together
+                                width = t.num_heads * t.head_dim
+                                both = g.op("Concat", [ctx, x], axis=-1)
                                 both, positions, _ = routing.token_select(g, self.mode, scores, self.vis_start, both,
                                                                           positions, mlp_visual[l], n_vis)
-                            ctx, x = g.split(both, [width, t.hidden_size], axis=-1)
+                                ctx, x = g.split(both, [width, t.hidden_size], axis=-1)
                             n_vis = mlp_visual[l]
                             cos, sin, mask = self._derive(positions)
                     x = text_graphs.layer_finish(g, spec, self.w, l, x, ctx, self.ft)

@@ -56,18 +56,19 @@ def visual_score(g: GraphBuilder, mode: str, score: ScoreSpec, q: str, k: str, p
         q_rows = g.slice(q, first_row, g.ints([MAX]), axes=[2])  # [1, H, R, Dh]
         key_pos = g.reshape(positions, [-1])  # [T]
         row_pos = g.slice(key_pos, first_row, g.ints([MAX]), axes=[0])  # [R]
-        groups = num_heads // num_kv_heads
-        # rankings are computed in float32 whatever the graph's dtype, as the reference and the plugin do
-        q5 = g.reshape(blocks.to_f32(g, q_rows, ft), [1, num_kv_heads, groups, -1, head_dim])  # [1, Hkv, G, R, Dh]
-        k_t = g.transpose(g.unsqueeze(blocks.to_f32(g, k, ft), [2]), [0, 1, 2, 4, 3])  # [1, Hkv, 1, Dh, T]
-        logits = g.op("Mul", [g.op("MatMul", [q5, k_t]), g.scalar(scale, np.float32)])
+        # rankings are computed in float32 whatever the graph's dtype, as the reference and the plugin do.
+        # 4-D product with K transposed right at the MatMul (fused by ONNX Runtime and TensorRT)
+        q4 = g.reshape(blocks.to_f32(g, q_rows, ft), [1, num_kv_heads, -1, head_dim])  # [1, Hkv, G*R, Dh]
+        logits = g.op("MatMul", [q4, g.transpose(blocks.to_f32(g, k, ft), [0, 1, 3, 2])])  # [1, Hkv, G*R, T]
+        keys = g.slice(g.op("Shape", [logits]), g.ints([3]), g.ints([4]), axes=[0])
+        per_head_shape = g.op("Concat", [g.ints([num_heads, -1]), keys], axis=0)
+        logits = g.op("Reshape", [g.op("Mul", [logits, g.scalar(scale, np.float32)]), per_head_shape])  # [H, R, T]
         future = g.op("Greater", [g.unsqueeze(key_pos, [0]), g.unsqueeze(row_pos, [1])])  # [R, T]
         mask = g.op("Where", [future, g.scalar(F32_MIN, np.float32), g.scalar(0.0, np.float32)])
-        probs = g.op("Softmax", [g.op("Add", [logits, mask])], axis=-1)  # [1, Hkv, G, R, T]
-        visual = g.slice(probs, vis_start, vis_end, axes=[4])
-        per_head = g.reshape(visual, [num_heads, -1, n_vis])  # [H, R, n]
+        probs = g.op("Softmax", [g.op("Add", [logits, mask])], axis=-1)  # [H, R, T]
+        # reduce heads first, then keep the visual key columns: the copy is [R, n], not [H, R, n]
         reduce_op = "ReduceMax" if score.head_reduction == "max" else "ReduceMean"
-        rows = g.reduce(reduce_op, per_head, [0], keepdims=0)  # [R, n]
+        rows = g.slice(g.reduce(reduce_op, probs, [0], keepdims=0), vis_start, vis_end, axes=[1])  # [R, n]
         if score.combine == "single":
             return g.reduce("ReduceMean", rows, [0], keepdims=0)
         # FitPrune: (mass from visual rows / n) x (mass from text rows / #text rows)

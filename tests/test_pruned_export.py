@@ -101,6 +101,8 @@ def test_routing_forms_no_extra_attention_maps(method, pruned_bundles, recipes):
     model, shapes = _tensor_shapes(pruned_bundles("gqa56", method, "native"), before + n + after, before, n,
                                    recipe.model.hidden_size)
     lengths = {before + v + after for v in recipe.visual_tokens + recipe.mlp_visual_tokens()}  # every T_l
+    manifest = json.loads((pruned_bundles("gqa56", method, "native") / "manifest.json").read_text())
+    heads, head_dim = manifest["model"]["text"]["num_heads"], manifest["model"]["text"]["head_dim"]
     ranking_rows = []
     for node in model.graph.node:
         for out in node.output:
@@ -109,11 +111,11 @@ def test_routing_forms_no_extra_attention_maps(method, pruned_bundles, recipes):
                 continue
             square = shape[-1] == shape[-2] and shape[-1] in lengths
             if "/VisualScore/" in node.name:
-                # score/probability tensors of a ranking: 1 row (last text token) or at most the
-                # visual + text rows (FitPrune), never a square map over all tokens
+                # a ranking holds at most [heads, rows, T]: 1 row (last text token) or the visual +
+                # text rows (FitPrune), never a map over all tokens
                 max_rows = n + after if recipe.score.query_rows == "visual_and_text" else 1
-                if node.op_type in ("MatMul", "Mul", "Add", "Softmax", "Where"):
-                    assert shape[-2] <= max_rows, (node.name, shape)
+                keys_or_queries = head_dim in shape[-2:]  # q, k and their transposes are not attention maps
+                assert keys_or_queries or np.prod(shape) <= heads * max_rows * max(lengths), (node.name, shape)
                 if node.op_type == "Softmax":
                     ranking_rows.append(shape[-2])
             elif square:
