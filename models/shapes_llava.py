@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from mllm_deploy.core.fsutil import atomic_directory
-from mllm_deploy.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from mllm_deploy.models.tiny import SPECIAL_TOKENS
 
 PACKAGED_DIR = Path(__file__).parent / "data" / "shapes-llava"
 
@@ -39,10 +39,24 @@ def build_word_tokenizer():
     return tok
 
 
-def _lowercase_template() -> str:
-    # the word tokenizer lowercases, so the template's role names are lowercase words too
-    return CHAT_TEMPLATE.replace("'USER: '", "'user : '").replace("'ASSISTANT: '", "'assistant : '").replace(
-        "'ASSISTANT:'", "'assistant :'")
+# The question comes before the image: each visual token can then attend to the question and
+# work out locally whether it is what is asked about, and the answer position only has to pool
+# those matches. With the LLaVA order (image first) a 4-layer model trained on two CPU cores for
+# 750 steps stayed at the question-prior accuracy: binding attributes across positions from the
+# answer token alone was learned far too slowly. Text after the image ("assistant :") is still
+# what FastV and FitPrune rank with.
+SHAPES_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'user : ' }}{%- else -%}{{ 'assistant : ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] + ' ' }}{%- endif -%}{%- endfor -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<image>' }}{%- endif -%}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ ' ' }}{%- else -%}{{ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant :' }}{%- endif -%}"
+)
 
 
 def write_untrained(target: str | Path, seed: int = 0) -> Path:
@@ -73,12 +87,12 @@ def write_untrained(target: str | Path, seed: int = 0) -> Path:
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": g["image_size"]},
                                               crop_size={"height": g["image_size"], "width": g["image_size"]}),
         tokenizer=fast, patch_size=g["patch_size"], vision_feature_select_strategy="default",
-        chat_template=_lowercase_template(), num_additional_image_tokens=1,
+        chat_template=SHAPES_CHAT_TEMPLATE, num_additional_image_tokens=1,
     )
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    return target
+    return Path(target)
 
 
 def packaged_model(target=None) -> Path:
