@@ -198,6 +198,9 @@ def test_random_selection_baseline(base, routing, tiny_model_dirs, hf_models, tm
                            log=lambda m: None)
     model = onnx.load(bundle / "prefill.onnx", load_external_data=False)
     assert not [n for n in model.graph.node if "VisualScore" in n.name or n.op_type == "VisualScore"]
+    from mllm_deploy.export.trt_check import check_bundle
+
+    assert all(not findings for findings in check_bundle(bundle, "11.4").values())
     with Pipeline.load(bundle) as pipe:
         ids = pipe.input_ids(prompt="What is in the image?")
         pixels = pipe.pixel_values(make_image(tmp_path / "r.png", seed=9))
