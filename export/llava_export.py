@@ -147,6 +147,11 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if output.exists() and not options.force:
         raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
     model_dir, spec = load_spec(model)
+    from mllm_deploy.models.presets import is_geometry_preset
+
+    if is_geometry_preset(model_dir):
+        raise UnsupportedModelError(f"{model} is a geometry preset without weights (for flops-mllm, static"
+                                    " calib-mllm methods and report estimates); export a real model directory")
     from mllm_deploy.calib.recipe import dense_recipe, load_recipe
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)

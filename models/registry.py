@@ -18,6 +18,9 @@ GENERATED_MODELS: dict[str, str] = {
     # name -> "module:function(target_dir)" that writes a complete HF model directory
     "tiny-llava": "mllm_deploy.models.tiny:write_tiny_llava",
     "small-llava": "mllm_deploy.models.tiny:write_small_llava",
+    # geometry only (config.json, no weights): FLOPs, KV-memory and recipe planning
+    "llava-1.5-7b-shape": "mllm_deploy.models.presets:write_llava15_7b_shape",
+    "llava-1.5-13b-shape": "mllm_deploy.models.presets:write_llava15_13b_shape",
 }
 PACKAGED_MODELS: dict[str, str] = {
     # name -> "module:function()" returning a model directory shipped in the repository

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mllm_deploy.models.presets import LLAVA15_7B
 from mllm_deploy.models.tiny import TinyLlavaConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +67,8 @@ def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300) 
     return subprocess.run([str(VENV_BIN / tool), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
-LLAVA15_7B_CONFIG = {
-    # llava-hf/llava-1.5-7b-hf hyperparameters (its config.json), written by tests: no weights needed.
-    "architectures": ["LlavaForConditionalGeneration"],
-    "model_type": "llava",
-    "image_token_index": 32000,
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "projector_hidden_act": "gelu",
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
-    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-}
+# llava-hf/llava-1.5-7b-hf hyperparameters, written by tests as a bare config.json: no weights needed.
+LLAVA15_7B_CONFIG = {k: v for k, v in LLAVA15_7B.items() if k != "mllm_deploy_preset"}
 
 
 def write_config_only_model(path: Path, config: dict = LLAVA15_7B_CONFIG) -> Path:

@@ -216,3 +216,19 @@ def test_exact_formula_equals_pruned_prefill_matmuls(method, pruned_bundles, rec
     measured = matmul_flops_of_prefill(pruned_bundles("gqa56", method, "native"), text_tokens, 4, tmp_path)
     report = prefill_cost(spec, recipe, text_tokens=text_tokens, formula="exact", prefix_tokens=4)
     assert report.recipe == measured
+
+
+def test_geometry_presets_plan_without_weights(tmp_path):
+    from conftest import run_cli as cli
+
+    seven = cli("flops-mllm", "--model", "llava-1.5-7b-shape", "--formula", "fitprune-macs", "--json")
+    assert seven.returncode == 0, seven.stderr
+    assert json.loads(seven.stdout)["dense"] == pytest.approx(3.817e12, rel=1e-3)
+    thirteen = cli("flops-mllm", "--model", "llava-1.5-13b-shape", "--json")
+    assert json.loads(thirteen.stdout)["dense"] > 1.5 * json.loads(cli("flops-mllm", "--model", "llava-1.5-7b-shape",
+                                                                          "--json").stdout)["dense"]
+    recipe = cli("calib-mllm", "--model", "llava-1.5-13b-shape", "--method", "fastv", "-o", str(tmp_path / "r.json"))
+    assert recipe.returncode == 0, recipe.stderr
+    refused = cli("export-mllm", "--model", "llava-1.5-7b-shape", "-o", str(tmp_path / "b"))
+    assert refused.returncode == 1 and "geometry preset without weights" in refused.stderr
+    assert not (tmp_path / "b").exists()
