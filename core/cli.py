@@ -8,6 +8,7 @@ stderr and exit 1; ``--debug`` re-raises to show the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -35,6 +36,10 @@ def main(
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`| head`): not an error; keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as shell tools report it
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -81,3 +81,12 @@ def test_streaming_text_equals_final_text(tiny_bundles, tmp_path):
     with Pipeline.load(tiny_bundles["gqa56"]) as pipe:
         answer = pipe.ask(make_image(tmp_path / "t.png"), prompt="hi", max_new_tokens=16, on_text=pieces.append)
     assert "".join(pieces) == answer.text
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
+    from conftest import VENV_BIN
+
+    proc = subprocess.run(f"'{VENV_BIN / 'flops-mllm'}' --model llava-1.5-13b-shape | head -1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("formula:")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
