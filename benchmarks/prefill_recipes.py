@@ -94,7 +94,7 @@ def main() -> int:
                      "prefill_ms_min": min(times[name]), "prefill_ms_max": max(times[name]),
                      "gflops": flops.recipe / 1e9, "flops_speedup": predicted, "measured_speedup": measured,
                      "efficiency": measured / predicted})
-    print(f"| recipe | prefill ms median (min-max) | GFLOPs (exact) | FLOPs speedup | measured speedup | measured/FLOPs |")
+    print("| recipe | prefill ms median (min-max) | GFLOPs (exact) | FLOPs speedup | measured speedup | measured/FLOPs |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['recipe']} | {r['prefill_ms_median']:.0f} ({r['prefill_ms_min']:.0f}-{r['prefill_ms_max']:.0f}) |"

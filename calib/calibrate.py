@@ -52,13 +52,6 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", leave=False, dynamic_ncols=True)
 
 
-def _load_model(model_dir: Path):
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
-
-
 def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
     from mllm_deploy.calib import static_methods
     from mllm_deploy.calib.flops import prefill_cost
@@ -88,7 +81,9 @@ def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
         samples = load_calibration_data(options.data, options.skip_bad, options.seed)
         provenance.update({"data": options.data, "data_sha256": data_hash(samples), "samples": len(samples)})
         inputs = model_inputs(model_dir, samples)
-        hf_model = _load_model(model_dir)
+        from mllm_deploy.models.loading import load_hf_model
+
+        hf_model = load_hf_model(model_dir)
         recipe = _vtw(hf_model, spec, inputs, options, log) if method == "vtw" else _fitprune(hf_model, spec, inputs, options, log)
     else:
         raise MllmError(f"unknown --method {method}")

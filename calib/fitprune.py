@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mllm_deploy.calib.flops import fitprune_layer_macs
 from mllm_deploy.calib.recipe import Recipe
 
 
@@ -48,15 +49,10 @@ def largest_removable(scores: np.ndarray, keep_mass: float) -> np.ndarray:
     return order[:count]
 
 
-def layer_macs(d: int, m: int, n_in: int, n_out: int) -> float:
-    """FitPrune code's per-layer MACs: QKV and attention on n_in tokens, o_proj and MLP on n_out."""
-    return 3 * n_in * d * d + 2 * n_in * n_in * d + n_out * d * d + 3 * n_out * d * m
-
-
 def fit_walk(stats: SampleStats, alpha: float, budget: float, d: int, m: int) -> tuple[list[int], bool]:
     """FIT(alpha) on one sample: tokens removed after each layer, and whether the budget was met."""
     layers, n0 = stats.cross.shape
-    dense = layers * layer_macs(d, m, n0, n0)
+    dense = layers * fitprune_layer_macs(d, m, n0, n0)
     target = (1.0 - budget) * dense
     w_self = stats.self_block.sum(axis=(1, 2)) / n0
     w_cross = stats.cross.sum(axis=1)
@@ -72,8 +68,8 @@ def fit_walk(stats: SampleStats, alpha: float, budget: float, d: int, m: int) ->
         drop = np.intersect1d(drop_self, drop_cross)
         current = np.delete(current, drop)
         removed[l] = len(drop)
-        spent += layer_macs(d, m, n_in, len(current))
-        forecast = (layers - l - 1) * layer_macs(d, m, len(current), len(current))
+        spent += fitprune_layer_macs(d, m, n_in, len(current))
+        forecast = (layers - l - 1) * fitprune_layer_macs(d, m, len(current), len(current))
         if spent + forecast <= target:
             return removed, True
     return removed, False
@@ -87,10 +83,10 @@ def averaged_schedule(all_stats: list[SampleStats], alpha: float, budget: float,
 
 def schedule_reduction(schedule: list[int], n0: int, d: int, m: int) -> float:
     layers = len(schedule)
-    dense = layers * layer_macs(d, m, n0, n0)
+    dense = layers * fitprune_layer_macs(d, m, n0, n0)
     cost, current = 0.0, n0
     for removed in schedule:
-        cost += layer_macs(d, m, current, current - removed)
+        cost += fitprune_layer_macs(d, m, current, current - removed)
         current -= removed
     return 1.0 - cost / dense
 

@@ -131,14 +131,16 @@ def _fastv_eq5(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     return float(total)
 
 
+def fitprune_layer_macs(d: int, m: int, n_in: int, n_out: int) -> float:
+    """FitPrune code's MACs of one layer, visual tokens only: QKV and attention on the n_in tokens
+    before the drop, o_proj and the SwiGLU MLP on the n_out after it (n_in = n_out: F(n) = 4nd² + 2n²d + 3ndm)."""
+    return 3 * n_in * d * d + 2 * n_in * n_in * d + n_out * d * d + 3 * n_out * d * m
+
+
 def _fitprune_macs(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
-    # FitPrune's code counts visual tokens only; QKV and attention before the drop, o_proj and
-    # the SwiGLU MLP after it. A dense plan gives L·F(N), F(n) = 4nd² + 2n²d + 3ndm.
     d, m = spec.text.hidden_size, spec.text.intermediate_size
-    total = 0
-    for n, n_after in zip(plan.visual_tokens, plan.mlp_visual_tokens):
-        total += 3 * n * d * d + 2 * n * n * d + n_after * d * d + 3 * n_after * d * m
-    return float(total)
+    return float(sum(fitprune_layer_macs(d, m, n, n_after)
+                     for n, n_after in zip(plan.visual_tokens, plan.mlp_visual_tokens)))
 
 
 FORMULAS: dict[str, Formula] = {

@@ -181,14 +181,9 @@ def dense_recipe(spec) -> Recipe:
 
 
 def load_recipe(path: str | Path, spec=None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"recipe {path} is not valid JSON ({exc})") from None
-    recipe = Recipe.from_dict(data)
+    from mllm_deploy.core.jsonio import read_json
+
+    recipe = Recipe.from_dict(read_json(path, RecipeError, "recipe file"))
     if spec is not None:
         recipe.check_model(spec)
     return recipe

@@ -15,6 +15,7 @@ import numpy as np
 from mllm_deploy import __version__
 from mllm_deploy.core.fsutil import atomic_directory
 from mllm_deploy.core.errors import InputFileError, MllmError, UnsupportedModelError, VerificationError
+from mllm_deploy.models.loading import load_hf_model
 from mllm_deploy.models.registry import load_spec
 from mllm_deploy.models.spec import ModelSpec
 
@@ -31,19 +32,6 @@ class ExportOptions:
     recipe: str | None = None  # path to recipe.json; None exports the dense model
     routing: str = "native"  # "native" (standard ops) or "plugin" (mllm_deploy custom ops)
     check_trt: str | None = None  # TensorRT version whose ONNX parser must accept every graph
-
-
-def _load_hf(model_dir: Path, dtype: str):
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
-        )
-    except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None
-    return model.eval()
 
 
 def _write_tokenizer(model_dir: Path, target: Path) -> dict:
@@ -156,7 +144,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
-    hf_model = _load_hf(model_dir, options.dtype)
+    hf_model = load_hf_model(model_dir, attn_implementation="eager")
 
     with atomic_directory(output) as tmp:
         log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"

@@ -9,7 +9,6 @@ each selection. Each layer outputs the KV of exactly the tokens it processed.
 
 from __future__ import annotations
 
-import numpy as np
 from onnx import TensorProto
 
 from mllm_deploy.calib.recipe import Recipe

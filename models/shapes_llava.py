@@ -8,7 +8,6 @@ starts from; the trained one lives in ``models/data/shapes-llava``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mllm_deploy.core.fsutil import atomic_directory
@@ -104,7 +103,3 @@ def packaged_model(target=None) -> Path:
                         "`python -m mllm_deploy.models.shapes_train`")
     return PACKAGED_DIR
 
-
-def training_summary() -> dict:
-    path = PACKAGED_DIR / "training_log.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

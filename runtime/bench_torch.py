@@ -17,10 +17,9 @@ from mllm_deploy.core.errors import BundleError, DependencyError
 
 
 def _load_reference(bundle, device: str, dtype):
-    from transformers import LlavaForConditionalGeneration
-
     from mllm_deploy.calib.recipe import Recipe
     from mllm_deploy.calib.reference import RecipeReference
+    from mllm_deploy.models.loading import load_hf_model
     from mllm_deploy.models.registry import resolve_model
     from mllm_deploy.models.spec import read_config, spec_from_config
 
@@ -33,10 +32,7 @@ def _load_reference(bundle, device: str, dtype):
     if fingerprint != bundle.manifest["model"]["fingerprint"]:
         raise BundleError(f"the model at {model_dir} is not the one {bundle.path.name} was exported from"
                           " (config fingerprint differs)")
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None
+    model = load_hf_model(model_dir, dtype=dtype)
     return RecipeReference(model.to(device).eval(), Recipe.from_dict(bundle.manifest["recipe"]))
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mllm_deploy.core.errors import BundleError
 from mllm_deploy.core.hashing import sha256_file
+from mllm_deploy.core.jsonio import read_json
 
 BUNDLE_SCHEMA = "mllm-deploy/bundle@1"
 GRAPHS = ("vision", "prefill", "decode")
@@ -54,10 +54,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"bundle directory not found: {path}")
     if not manifest_path.is_file():
         raise BundleError(f"{path} has no manifest.json; is it a bundle written by export-mllm?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); re-export the bundle") from None
+    manifest = read_json(manifest_path, BundleError, "manifest.json", "; re-export the bundle")
     if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{manifest_path} has schema {found!r}, expected {BUNDLE_SCHEMA!r}")

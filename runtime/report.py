@@ -206,7 +206,7 @@ def device_section(inputs: Inputs, devices: list[Device], dtype_bytes: int, devi
         ("h2", "Device estimates (roofline, not measurements)"),
         ("p", "These numbers are NOT measured: they are lower bounds from vendor peak figures, for the text model"
               " of each measured recipe at its benchmarked prompt length. Real engines reach a fraction of peak."),
-        ("ul", [f"prefill time ≥ max(prefill FLOPs / peak FLOP/s, (weight bytes + KV bytes after prefill) / bandwidth)",
+        ("ul", ["prefill time ≥ max(prefill FLOPs / peak FLOP/s, (weight bytes + KV bytes after prefill) / bandwidth)",
                 "decode time per token ≥ max(2 × weights read per token / peak FLOP/s, (weight bytes + KV bytes at"
                 " the end of decoding) / bandwidth)",
                 f"weights and KV cache in {dtype_bytes}-byte elements (--device-dtype-bytes), whatever the bundle's"
