@@ -61,9 +61,13 @@ class Example:
     index: int
 
 
+CAPTION_PROMPT = "describe the image ."  # training-only turn: every object, its place first
+
+
 def vocabulary() -> list[str]:
-    """Every word a question or answer can use (the word tokenizer's vocabulary)."""
+    """Every word a question, answer or training caption can use (the word tokenizer's vocabulary)."""
     words = set(NUMBERS) | set(ORDINALS) | set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"yes", "no"}
+    words.update(CAPTION_PROMPT.split())
     for templates in TEMPLATES.values():
         for template in templates:
             words.update(w for w in template.split() if not w.startswith("{"))
@@ -140,6 +144,16 @@ def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator) -
 
 def example(split: str, index: int) -> Example:
     """The index-th example of a split: deterministic, independent of any other example."""
+    rng, objects, (question, answer, kind) = _example_question(split, index)
+    return Example(render(objects, rng), question, answer, kind, index)
+
+
+def question_only(split: str, index: int) -> tuple[str, str, str]:
+    """(question, answer, kind) of ``example(split, index)`` without drawing the image."""
+    return _example_question(split, index)[2]
+
+
+def _example_question(split: str, index: int):
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_SEEDS)}")
     rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
@@ -149,7 +163,7 @@ def example(split: str, index: int) -> Example:
     while qa is None:  # the scene cannot ask this kind (e.g. no unique colour): fall back in order
         kind = QUESTION_TYPES[(QUESTION_TYPES.index(kind) + 1) % len(QUESTION_TYPES)]
         qa = _question(kind, objects, rng)
-    return Example(render(objects, rng), qa[0], qa[1], kind, index)
+    return rng, objects, (qa[0], qa[1], kind)
 
 
 def examples(split: str, count: int, start: int = 0) -> list[Example]:
@@ -157,13 +171,26 @@ def examples(split: str, count: int, start: int = 0) -> list[Example]:
 
 
 PATCH = 4  # shapes-llava's patch size: label maps are sampled at patch centres
+PATCHES_PER_SIDE = IMAGE_SIZE // PATCH
 
 
-def patch_labels(objects: list[SceneObject]) -> np.ndarray:
-    """Per-patch class ([64/PATCH]^2, row-major): 0 background, else 1 + colour*3 + shape.
+@dataclass
+class Scene:
+    """One training scene: the image, a question of every kind it can ask, per-patch targets
+    and a caption."""
 
-    Drawn with the same geometry as ``render``, used as a training-only auxiliary target so the
-    vision tower learns what each patch shows."""
+    image: object
+    qas: list[tuple[str, str, str]]  # (question, answer, kind)
+    patch_classes: np.ndarray  # [PATCHES_PER_SIDE**2] 0 background, else 1 + colour*3 + shape
+    patch_centres: np.ndarray  # [PATCHES_PER_SIDE**2] 1 where an object's centre falls
+    caption: list[tuple[str, bool]]  # (word, supervised): places are given, what is there is asked
+
+
+def patch_classes(objects: list[SceneObject]) -> np.ndarray:
+    """Per-patch class (row-major): 0 background, else 1 + colour*3 + shape.
+
+    Drawn with the same geometry as ``render``; a training-only auxiliary target so the vision
+    tower learns what each patch shows."""
     from PIL import Image, ImageDraw
 
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
@@ -175,12 +202,31 @@ def patch_labels(objects: list[SceneObject]) -> np.ndarray:
     return np.asarray(canvas)[centre::PATCH, centre::PATCH].reshape(-1).astype(np.int64)
 
 
-def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str, str]], np.ndarray]:
-    """One scene with a question of every kind it can ask: (image, [(question, answer, kind)], patch labels).
+def patch_centres(objects: list[SceneObject]) -> np.ndarray:
+    """1 for the patch holding each object's centre (what counting counts), else 0."""
+    flags = np.zeros(PATCHES_PER_SIDE * PATCHES_PER_SIDE, dtype=np.int64)
+    for obj in objects:
+        flags[(obj.cy // PATCH) * PATCHES_PER_SIDE + obj.cx // PATCH] = 1
+    return flags
+
+
+def caption(objects: list[SceneObject]) -> list[tuple[str, bool]]:
+    """Objects in reading order as "row R column C colour shape , ...": the place words are
+    unsupervised (given), the colour and shape words are what the model must read off the image."""
+    words: list[tuple[str, bool]] = []
+    for obj in sorted(objects, key=lambda o: (o.row, o.col)):
+        if words:
+            words.append((",", False))
+        words += [("row", False), (ORDINALS[obj.row], False), ("column", False), (ORDINALS[obj.col], False),
+                  (obj.colour, True), (obj.shape, True)]
+    return words
+
+
+def scene(split: str, index: int) -> Scene:
+    """The index-th scene of a split with a question of every kind it can ask (in random order).
 
     Training packs these as one multi-turn conversation, so the image is encoded once for
-    several supervised answers.
-    """
+    several supervised answers."""
     rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
     objects = _scene(rng)
     image = render(objects, rng)
@@ -189,4 +235,4 @@ def scene_questions(split: str, index: int) -> tuple[object, list[tuple[str, str
         qa = _question(str(kind), objects, rng)
         if qa is not None:
             qas.append((qa[0], qa[1], str(kind)))
-    return image, qas, patch_labels(objects)
+    return Scene(image, qas, patch_classes(objects), patch_centres(objects), caption(objects))
