@@ -1,9 +1,11 @@
-"""Prefill time of dense vs FastV vs FitPrune bundles on one backend, beside the FLOPs model.
+"""Prefill time of dense vs FastV vs FitPrune vs mixture-of-depths bundles on one backend, beside the FLOPs model.
 
     .venv/bin/python benchmarks/prefill_recipes.py [--model small-llava] [--repeats 7] [--workdir DIR]
+        [--recipes dense,fastv-k2-r0.5,...] [--routing native|plugin]
 
-Calibrates the recipes (FastV K=2 R=0.5 static; FitPrune budget 0.5 on builtin:synthetic:4),
-exports fp32 bundles with native routing (reused when present), then times the prefill graph
+Calibrates the recipes (FastV K=2 R=0.5 static; FitPrune budget 0.5 on builtin:synthetic:4; MoD with
+p-MoD's ratio-decay plan and the attention router or routers fitted on builtin:synthetic:8),
+exports fp32 bundles (reused when present), then times the prefill graph
 alone on ONNX Runtime CPU: warm-up, then repeats taken round-robin across bundles so drift
 hits all alike. Reports medians, min/max and speedups measured in the same run, beside the
 speedup the `exact` FLOPs model predicts.
@@ -24,6 +26,8 @@ RECIPES = {
     "dense": dict(method="dense"),
     "fastv-k2-r0.5": dict(method="fastv", fastv_k=2, fastv_r=0.5),
     "fitprune-0.5": dict(method="fitprune", budget=0.5, data="builtin:synthetic:4"),
+    "mod-prd-attention": dict(method="mod", mod_plan="prd", mod_router="attention"),
+    "mod-prd-fitted": dict(method="mod", mod_plan="prd", mod_router="fitted", data="builtin:synthetic:8"),
 }
 
 
@@ -36,10 +40,18 @@ def main() -> int:
     p.add_argument("--text-after", type=int, default=35)
     p.add_argument("--workdir", default="out/bench-prefill")
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {', '.join(RECIPES)}"
+                   " (dense is always included: speedups are against it)")
+    p.add_argument("--routing", default="native", choices=["native", "plugin"])
     args = p.parse_args()
+    chosen = ["dense"] + [name for name in args.recipes.split(",") if name and name != "dense"]
+    unknown = [name for name in chosen if name not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
 
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
     from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.calib.recipe import load_recipe, save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import load_spec
     from mllm_deploy.runtime.bundle import load_bundle
@@ -49,20 +61,19 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     _, spec = load_spec(args.model)
     bundles, recipes = {}, {}
-    for name, options in RECIPES.items():
+    for name in chosen:
         recipe_path = work / f"{name}.json"
         if not recipe_path.exists():
             t0 = time.perf_counter()
-            recipe_path.write_text(calibrate(args.model, CalibOptions(**options), log=print).to_json())
+            save_recipe(calibrate(args.model, CalibOptions(**RECIPES[name]), log=print), recipe_path)
             print(f"{name}: calibrated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        bundle = work / f"bundle-{name}"
+        bundle = work / (f"bundle-{name}" if args.routing == "native" else f"bundle-{name}-plugin")
         if not (bundle / "manifest.json").exists():
             t0 = time.perf_counter()
-            export_bundle(args.model, bundle, ExportOptions(recipe=str(recipe_path), force=True), log=print)
+            export_bundle(args.model, bundle, ExportOptions(recipe=str(recipe_path), routing=args.routing, force=True),
+                          log=print)
             print(f"{name}: exported in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         bundles[name] = bundle
-        from mllm_deploy.calib.recipe import load_recipe
-
         recipes[name] = load_recipe(recipe_path, spec)
 
     n = spec.visual_tokens
@@ -101,7 +112,7 @@ def main() -> int:
               f" {r['gflops']:.1f} | {r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "prompt_tokens": int(ids.shape[1]),
-                                               "repeats": args.repeats, "rows": rows}, indent=2))
+                                               "routing": args.routing, "repeats": args.repeats, "rows": rows}, indent=2))
     return 0
 
 

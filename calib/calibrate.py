@@ -29,6 +29,14 @@ class CalibOptions:
     schedule: list[int] | None = None
     text_tokens: int = 64  # for the recipe's FLOPs figures
     random_selection: bool = False  # baseline: same token counts, a fixed random subset kept
+    # mixture-of-depths (calib/mod.py, docs/mod.md)
+    mod_plan: str = "arank"  # arank | prd | layers=L1,L2,...
+    mod_capacity: list[float] | None = None  # one share for every routed layer, or one per routed layer
+    mod_dense_layers: int | None = None  # arank: layers kept dense (default 4, gamma-MoD)
+    mod_router: str = "fitted"  # fitted | attention | trained
+    mod_router_file: str | None = None  # trained: checkpoint in calib/mod_routers.py's layout
+    mod_skip: str = "identity"  # identity | tanh_scale
+    mod_fit_target: str = "attention"  # fitted: attention | update_norm
 
 
 def model_inputs(model_dir: Path, samples) -> list:
@@ -46,10 +54,10 @@ def model_inputs(model_dir: Path, samples) -> list:
     return inputs
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, unit: str = "sample"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="sample", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
@@ -67,6 +75,8 @@ def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
         recipe = static_methods.fastv_recipe(spec, options.fastv_k, options.fastv_r)
     elif method == "pdrop":
         recipe = static_methods.pdrop_recipe(spec, options.pdrop_layers, options.pdrop_ratio)
+    elif method == "mod":
+        recipe = _mod(model_dir, spec, options, provenance, log)
     elif method == "fitprune" and options.schedule is not None:
         recipe = static_methods.fitprune_from_schedule(spec, options.schedule)
     elif method in DATA_METHODS:
@@ -88,8 +98,8 @@ def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
     else:
         raise MllmError(f"unknown --method {method}")
     if options.random_selection:
-        if recipe.method_name == "dense":
-            raise MllmError("--random-selection needs a pruning method")
+        if recipe.method_name in ("dense", "mod"):
+            raise MllmError(f"--random-selection needs a pruning method, not {recipe.method_name}")
         from dataclasses import replace
 
         recipe.score = replace(recipe.score, combine="random", seed=options.seed)
@@ -146,3 +156,105 @@ def _fitprune(model, spec, inputs, options: CalibOptions, log) -> Recipe:
     log(f"fitprune: alpha {search.alpha:.2f}, FitPrune-MACs reduction {search.reduction:.1%},"
         f" removed per layer {search.schedule}")
     return fitprune.fitprune_recipe(spec, search, options.budget)
+
+
+def _check_mod_options(options: CalibOptions) -> tuple[str, list[int] | None]:
+    """Every bad combination of MoD flags fails here, before any model is loaded."""
+    from mllm_deploy.calib.mod import FIT_TARGETS, parse_plan
+    from mllm_deploy.calib.recipe import MOD_ROUTERS, MOD_SKIP_RULES
+
+    kind, explicit = parse_plan(options.mod_plan)
+    router = options.mod_router
+    if router not in MOD_ROUTERS:
+        raise MllmError(f"--router must be one of {', '.join(MOD_ROUTERS)}, got {router!r}")
+    if options.mod_skip not in MOD_SKIP_RULES:
+        raise MllmError(f"--skip must be one of {', '.join(MOD_SKIP_RULES)}, got {options.mod_skip!r}")
+    if options.mod_fit_target not in FIT_TARGETS:
+        raise MllmError(f"--fit-target must be one of {', '.join(FIT_TARGETS)}, got {options.mod_fit_target!r}")
+    if router == "trained" and not options.mod_router_file:
+        raise MllmError("--router trained needs --router-file (a safetensors checkpoint, layout in docs/mod.md)")
+    if router != "trained" and options.mod_router_file:
+        raise MllmError(f"--router-file is for --router trained; --router {router} has no checkpoint")
+    if options.mod_skip == "tanh_scale" and router != "trained":
+        raise MllmError(f"--skip tanh_scale scales skipped tokens by a TanhNorm of a trained router's score;"
+                        f" --router {router} needs --skip identity")
+    needs_data = kind == "arank" or router == "fitted"
+    if needs_data and not options.data:
+        why = "--plan arank" if kind == "arank" else "--router fitted"
+        raise MllmError(f"{why} needs --data (a JSONL file or builtin:synthetic:N)")
+    if kind != "arank" and options.mod_dense_layers is not None:
+        raise MllmError("--dense-layers applies to --plan arank only")
+    return kind, explicit
+
+
+def _mod(model_dir, spec, options: CalibOptions, provenance: dict, log) -> Recipe:
+    from mllm_deploy.calib import mod
+
+    kind, explicit = _check_mod_options(options)
+    dense_layers = 4 if options.mod_dense_layers is None else options.mod_dense_layers
+    layers = spec.text.num_layers
+    if kind == "arank" and not 0 <= dense_layers < layers:
+        raise MllmError(f"--dense-layers must be in 0..{layers - 1} for a {layers}-layer model, got {dense_layers}")
+    # plans that need no data are checked before any model is loaded
+    plan = None if kind == "arank" else mod.make_plan(kind, explicit, options.mod_capacity, layers)
+    if plan is not None and options.mod_router == "attention" and plan.layers and plan.layers[0] == 0:
+        mod.mod_recipe(spec, plan, "attention")  # raises the one-line error
+    inputs, reference = [], None
+    if kind == "arank" or options.mod_router == "fitted":
+        from mllm_deploy.calib.data import data_hash, load_calibration_data
+        from mllm_deploy.calib.recipe import dense_recipe
+        from mllm_deploy.calib.reference import RecipeReference
+        from mllm_deploy.models.loading import load_hf_model
+
+        samples = load_calibration_data(options.data, options.skip_bad, options.seed)
+        provenance.update({"data": options.data, "data_sha256": data_hash(samples), "samples": len(samples)})
+        inputs = model_inputs(model_dir, samples)
+        reference = RecipeReference(load_hf_model(model_dir), dense_recipe(spec))
+    extra_mod: dict = {}
+    arank = None
+    if kind == "arank":
+        from mllm_deploy.calib.arank import arank_table, collect_arank
+
+        bar = _progress(len(inputs), "arank")
+        try:
+            per_sample = []
+            for input_ids, pixel_values in inputs:
+                per_sample.append(collect_arank(reference, input_ids, reference.image_features(pixel_values)))
+                bar.update(1)
+        finally:
+            bar.close()
+        table = arank_table(per_sample)
+        arank = table["arank_per_token"]  # samples differ in length; ARank grows with it
+        extra_mod["arank"] = {**table, "ranked_by": "arank_per_token", "dense_layers": dense_layers}
+    if plan is None:
+        plan = mod.make_plan(kind, explicit, options.mod_capacity, layers, arank, dense_layers)
+    settings = dict(router_input="input_norm", selected_scale="none", tanh_alpha=None)
+    trained = None
+    if options.mod_router == "trained":
+        from mllm_deploy.calib.mod_routers import read_trained_checkpoint
+
+        trained = read_trained_checkpoint(options.mod_router_file, plan.layers, spec.text.hidden_size)
+        uses_tanh = options.mod_skip == "tanh_scale" or trained.selected_scale == "tanh_norm"
+        settings = dict(router_input=trained.router_input, selected_scale=trained.selected_scale,
+                        tanh_alpha=trained.tanh_alpha if uses_tanh else None)
+        extra_mod["trained_from"] = {"file": str(options.mod_router_file), "sha256": trained.source_sha256}
+    recipe = mod.mod_recipe(spec, plan, options.mod_router, options.mod_skip, extra_mod=extra_mod, **settings)
+    from mllm_deploy.calib.mod_routers import canonical_tensors
+
+    if trained is not None:
+        recipe.routers = canonical_tensors(trained.routers)
+    elif options.mod_router == "fitted":
+        bar = _progress(spec.text.num_layers, "fit routers", unit="layer")
+        try:
+            routers, quality = mod.fit_routers(reference, recipe, inputs, options.mod_fit_target,
+                                               progress=lambda: bar.update(1))
+        finally:
+            bar.close()
+        recipe.routers = canonical_tensors(routers)
+        recipe.mod["fit_quality"] = quality
+        cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+        log("mod: fitted routers, top-k overlap with the target per layer (held-out / train / random): " + ", ".join(
+            f"{l}: {cell(r['held_out'])} / {cell(r['train'])} / {cell(r['random'])}" for l, r in quality["layers"].items()))
+    log(f"mod: plan {plan.source}, routed layers {plan.layers}, visual tokens processed per layer {recipe.visual_tokens},"
+        f" router {options.mod_router}, skip {options.mod_skip}")
+    return recipe

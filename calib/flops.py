@@ -4,6 +4,9 @@ Three formulas, registered by name so that more can be added:
 
 - ``exact``: every matrix product the exported prefill graph performs (FLOPs = 2 x
   multiply-adds). A test checks it against the MatMul shapes of a real ``prefill.onnx``.
+  A mixture-of-depths layer counts at the tokens it processes (text + its capacity), plus its
+  router's product (d x 1 over the visual tokens) or, for the attention router, the ranking
+  rows of the layer before it.
 - ``fastv-eq5``: the FastV paper's Eq. 5, to compare with its published reductions.
 - ``fitprune-macs``: the MACs model of FitPrune's code (visual tokens only), to compare with
   its budgets.
@@ -36,6 +39,7 @@ class TokenPlan:
     visual_tokens: list[int]  # entering layer l's attention (its KV length minus text)
     mlp_visual_tokens: list[int]  # seen by layer l's o_proj and MLP
     rankings: list[tuple[int, int, int, bool]]
+    routers: tuple[tuple[int, int, int], ...] = ()  # MoD linear routers: (layer, visual tokens scored, outputs)
 
 
 @dataclass
@@ -75,6 +79,8 @@ def dense_plan(spec: ModelSpec) -> TokenPlan:
 
 def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int = 0) -> TokenPlan:
     """Token counts per layer, and where the ranking products happen, for a recipe."""
+    if recipe.is_mod:
+        return mod_plan(spec, recipe, text_tokens, prefix_tokens)
     attention = list(recipe.visual_tokens)
     mlp = recipe.mlp_visual_tokens()
     offset = recipe.score.attention_layer_offset
@@ -101,6 +107,22 @@ def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens
     return TokenPlan(attention, mlp, rankings)
 
 
+def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int = 0) -> TokenPlan:
+    """Mixture-of-depths: each layer at the visual tokens it processes; a linear router scores every
+    visual token of its layer (d x 1), the attention router ranks with the text rows of the layer
+    before against that layer's keys (docs/mod.md)."""
+    processed = list(recipe.visual_tokens)
+    routed = recipe.mod_layers
+    if recipe.mod["router"] != "attention":
+        return TokenPlan(processed, processed, [], tuple((l, spec.visual_tokens, 1) for l in routed))
+    after = text_tokens - prefix_tokens
+    rows = {"last_text": 1, "text": after, "visual_and_text": None}[recipe.score.query_rows]
+    if rows is None:
+        raise RecipeError("the MoD attention router ranks with text query rows (last_text or text)")
+    rankings = [(l - 1, rows, text_tokens + processed[l - 1], False) for l in routed]
+    return TokenPlan(processed, processed, rankings)
+
+
 # ---- formulas ---------------------------------------------------------------------------------
 def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     t = spec.text
@@ -117,6 +139,8 @@ def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
         total += 2 * heads * rows * keys * head_dim  # ranking rows against all keys (softmax needs them all)
         if projects:
             total += 2 * keys * d * kv_heads * head_dim + 2 * rows * d * heads * head_dim
+    for _layer, tokens, outputs in plan.routers:
+        total += 2 * tokens * d * outputs  # MoD router: one linear product per visual token
     total += 2 * d * t.vocab_size  # LM head on the last position only
     return float(total)
 

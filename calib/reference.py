@@ -4,7 +4,8 @@ ids kept, per-layer KV caches of different lengths, greedy decoding with cache).
 
 This is the ground truth the pruned ONNX export is verified against and what calibration
 uses to evaluate a candidate. With a ``dense`` recipe it generates exactly what
-``LlavaForConditionalGeneration.generate`` does.
+``LlavaForConditionalGeneration.generate`` does. Mixture-of-depths recipes run through
+``calib/mod_reference.py`` (skipped tokens stay in the sequence); decode is the same for all.
 """
 
 from __future__ import annotations
@@ -36,9 +37,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class RecipeReference:
-    def __init__(self, model, recipe: Recipe):
+    def __init__(self, model, recipe: Recipe, routers: dict | None = None):
+        """``routers``: MoD linear routers by layer (calib/mod_routers.LinearRouter); by default a MoD
+        recipe's own (its in-memory tensors or its router file)."""
         self.model = model.eval()
         self.recipe = recipe
+        self._mod_executor = None
+        if recipe.is_mod:
+            from mllm_deploy.calib.mod_reference import ModExecutor
+            from mllm_deploy.calib.mod_routers import recipe_routers
+
+            if routers is None and recipe.mod["router"] != "attention":
+                routers = recipe_routers(recipe)
+            self._mod_executor = ModExecutor(self, recipe, routers)
         self.text = model.model.language_model
         cfg = self.text.config
         self.num_heads = cfg.num_attention_heads
@@ -87,6 +98,8 @@ class RecipeReference:
                 stop_after: int | None = None):
         """Returns (last-position logits [1, V], PrefillState). ``stop_after``: run only that many layers
         and return the hidden states instead of logits (calibration shortcuts)."""
+        if self._mod_executor is not None:
+            return self._mod_executor.prefill(input_ids, features, observer, stop_after)
         recipe = self.recipe
         x, vis_start = self.embed(input_ids, features)
         n_vis = features.shape[1]

@@ -1,4 +1,5 @@
-"""The routing subgraphs of a pruned prefill: rank visual tokens, keep the top k, drop a span.
+"""The routing subgraphs of a pruned prefill: rank visual tokens, keep the top k, drop a span,
+and for mixture-of-depths write the processed rows back (``token_scatter``).
 
 Each routing step exists in two spellings that compute the same numbers:
 ``native`` (standard ONNX: MatMul/Softmax for the ranking rows, TopK to select, TopK again to
@@ -110,3 +111,43 @@ def drop_visual_span(g: GraphBuilder, data: str, positions: str, vis_start: str,
         keep = lambda t: g.op("Concat", [g.slice(t, g.ints([0]), vis_start, axes=[1]),  # noqa: E731
                                          g.slice(t, vis_end, g.ints([MAX]), axes=[1])], axis=1)
         return keep(data), keep(positions)
+
+
+def token_scatter(g: GraphBuilder, mode: str, base: str, updates: str, rows: str, skip_scale: str | None = None) -> str:
+    """Mixture-of-depths write-back: rows ``rows`` [K] of base [1, T, D] replaced by updates [1, K, D];
+    the other rows kept, or multiplied by skip_scale [1, T, 1] when given."""
+    if mode == "plugin":
+        inputs = [base, updates, rows] + ([skip_scale] if skip_scale is not None else [])
+        return _plugin_node(g, "TokenScatter", inputs, 1)
+    with g.scope("TokenScatter"):
+        if skip_scale is not None:
+            base = g.op("Mul", [base, skip_scale])
+        # ScatterElements (reduction none) writes element-wise: the row index repeated along D
+        index = g.op("Expand", [g.reshape(rows, [1, -1, 1]), g.op("Shape", [updates])])
+        return g.op("ScatterElements", [base, index, updates], axis=1)
+
+
+def scatter_scores(g: GraphBuilder, mode: str, scores: str, kept: str, fresh: str) -> str:
+    """scores [n] with the entries ``kept`` [k] replaced by fresh [k] (the attention router's running scores)."""
+    if mode == "plugin":
+        as_rows = lambda t: g.reshape(t, [1, -1, 1])  # noqa: E731 - TokenScatter moves rows of [1, T, D]
+        return g.reshape(_plugin_node(g, "TokenScatter", [as_rows(scores), as_rows(fresh), kept], 1), [-1])
+    with g.scope("ScatterScores"):
+        return g.op("ScatterElements", [scores, kept, fresh], axis=0)
+
+
+def kept_visual(g: GraphBuilder, rows: str, vis_start: str, keep: int) -> str:
+    """Visual-span indices [keep] of the kept visual rows, from TokenSelect's rows."""
+    with g.scope("kept_visual"):
+        return g.op("Sub", [g.slice(rows, vis_start, g.op("Add", [vis_start, g.ints([keep])]), axes=[0]), vis_start])
+
+
+def ones_around(g: GraphBuilder, middle: str, vis_start: str, total: str, dtype: int) -> str:
+    """[1, T, 1]: ones before ``vis_start``, ``middle`` [1, m, 1], ones up to ``total`` [1] rows."""
+    with g.scope("ones_around"):
+        one = g.const(np.ones([1, 1, 1], blocks.NP_FLOAT[dtype]), f"const.{np.dtype(blocks.NP_FLOAT[dtype]).name}.ones111")
+        middle_len = g.slice(g.op("Shape", [middle]), g.ints([1]), g.ints([2]), axes=[0])
+        tail = g.op("Sub", [total, g.op("Add", [vis_start, middle_len])])
+        shape = lambda n: g.op("Concat", [g.ints([1]), n, g.ints([1])], axis=0)  # noqa: E731
+        return g.op("Concat", [g.op("Expand", [one, shape(vis_start)]), middle, g.op("Expand", [one, shape(tail)])],
+                    axis=1)

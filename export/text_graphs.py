@@ -92,12 +92,16 @@ def layer_attention(g, spec: ModelSpec, w: dict, l: int, x: str, cos: str, sin: 
     return q, k, v, ctx
 
 
-def layer_finish(g, spec: ModelSpec, w: dict, l: int, x: str, ctx: str, ft: int) -> str:
-    """o_proj with the residual, then the MLP block."""
+def layer_finish(g, spec: ModelSpec, w: dict, l: int, x: str, ctx: str, ft: int, mlp_scale: str | None = None) -> str:
+    """o_proj with the residual, then the MLP block (its output times ``mlp_scale`` [1, T, 1] when given:
+    mixture-of-depths routers that weight their selected tokens)."""
     with g.scope("attn"):
         x = g.op("Add", [x, blocks.linear(g, ctx, w, f"text.layers.{l}.attn.o", "o_proj")])
     h = blocks.rms_norm(g, x, f"text.layers.{l}.post_norm.weight", w, spec.text.rms_norm_eps, ft, "post_attention_layernorm")
-    return g.op("Add", [x, _mlp(g, spec, w, l, h, ft)])
+    mlp = _mlp(g, spec, w, l, h, ft)
+    if mlp_scale is not None:
+        mlp = g.op("Mul", [mlp, mlp_scale], name="mlp_scale")
+    return g.op("Add", [x, mlp])
 
 
 def decoder_layer_decode(g, spec, w, l, x, cos, sin, past_k, past_v, past_len, ft):
@@ -146,11 +150,17 @@ def rope_gather(g: GraphBuilder, tables: tuple[str, str], positions: str) -> tup
 
 def build_prefill_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int,
                         recipe=None, routing: str = "native") -> None:
-    """The prefill graph with the recipe applied (see export/pruned_prefill.py)."""
+    """The prefill graph with the recipe applied (see export/pruned_prefill.py, export/mod_prefill.py)."""
     from mllm_deploy.calib.recipe import dense_recipe
     from mllm_deploy.export.pruned_prefill import PrefillBuilder
 
-    PrefillBuilder(g, spec, w, rope, ft, recipe or dense_recipe(spec), routing).build()
+    recipe = recipe or dense_recipe(spec)
+    if recipe.is_mod:
+        from mllm_deploy.export.mod_prefill import ModPrefillBuilder
+
+        ModPrefillBuilder(g, spec, w, rope, ft, recipe, routing).build()
+    else:
+        PrefillBuilder(g, spec, w, rope, ft, recipe, routing).build()
 
 
 def build_decode_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int) -> None:

@@ -33,7 +33,8 @@ def _load_reference(bundle, device: str, dtype):
         raise BundleError(f"the model at {model_dir} is not the one {bundle.path.name} was exported from"
                           " (config fingerprint differs)")
     model = load_hf_model(model_dir, dtype=dtype)
-    return RecipeReference(model.to(device).eval(), Recipe.from_dict(bundle.manifest["recipe"]))
+    # base_dir: a mixture-of-depths recipe's router file travels inside the bundle
+    return RecipeReference(model.to(device).eval(), Recipe.from_dict(bundle.manifest["recipe"], base_dir=bundle.path))
 
 
 def measure_torch(bundle, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, repeats: int, warmup: int,
