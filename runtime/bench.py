@@ -23,7 +23,7 @@ from typing import Callable
 from mllm_deploy.core.errors import MllmError
 
 BENCH_SCHEMA = "mllm-deploy/bench@1"
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 @dataclass(frozen=True)

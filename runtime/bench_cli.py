@@ -13,9 +13,10 @@ from mllm_deploy.core import cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench-mllm", description=__doc__)
     p.add_argument("bundles", nargs="+", help="bundle directories (give the dense one too for speedups)")
-    p.add_argument("--backend", dest="backends", action="append", choices=("onnxruntime", "torch"),
-                   help="onnxruntime (default) or torch (the PyTorch reference of the recipe: needs torch,"
-                        " transformers and the source model); repeat to measure both")
+    p.add_argument("--backend", dest="backends", action="append", choices=("onnxruntime", "torch", "tensorrt"),
+                   help="onnxruntime (default), tensorrt (the engines build-mllm wrote into each bundle) or torch"
+                        " (the PyTorch reference of the recipe: needs torch, transformers and the source model);"
+                        " repeat to measure several")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length in tokens, image included (default: visual tokens + 40)")
     p.add_argument("--new-tokens", type=int, default=32,

@@ -169,14 +169,15 @@ def profiled_routing_share(bundle, feed: dict[str, np.ndarray]) -> float:
 
 
 def measure_onnxruntime(bundle, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, repeats: int, warmup: int,
-                        tick: Callable[[], None]) -> dict:
+                        tick: Callable[[], None], backend: str = "onnxruntime") -> dict:
+    """The runtime's own loop (Generator) on ``backend``: onnxruntime, or tensorrt (no ORT profile then)."""
     from mllm_deploy.runtime.generator import Generator
 
     prompt_len = int(ids.shape[1])
     vision, prefill, decode, overhead = [], [], [], []
     kv_tokens: list[int] = []
     kv_bytes: list[int] = []
-    with Generator(bundle) as gen:
+    with Generator(bundle, backend) as gen:
         decode_runner = gen.runners["decode"]
         for run in range(warmup + repeats):
             t0 = time.perf_counter()
@@ -205,10 +206,18 @@ def measure_onnxruntime(bundle, ids: np.ndarray, pixels: np.ndarray, new_tokens:
                 tick()
         image_start = gen.image_start(ids)
         feed = {"input_ids": ids, "image_features": features, "image_start": np.array([image_start], np.int64)}
+    on_trt = backend == "tensorrt"  # routing share comes from ONNX Runtime's profiler only
     return {"vision": vision, "prefill": prefill, "decode": decode, "kv_tokens": kv_tokens, "kv_bytes": kv_bytes,
-            "routing_share": profiled_routing_share(bundle, feed),
+            "routing_share": None if on_trt else profiled_routing_share(bundle, feed),
             "decode_overhead_share": statistics.median(overhead) if overhead else None, "peak_device_mb": None,
-            "device": "cpu", "run_dtype": bundle.dtype}
+            "device": _gpu_name() if on_trt else "cpu", "run_dtype": bundle.dtype}
+
+
+def _gpu_name() -> str:
+    from mllm_deploy.core.trt_env import query_gpu
+
+    name, capability = query_gpu()
+    return f"{name} (sm_{capability.replace('.', '')})"
 
 
 # ---- the worker entry point ---------------------------------------------------------------------------
@@ -221,14 +230,14 @@ def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_token
     ids, pixels = synthetic_inputs(bundle, prompt_tokens)
     if prompt_tokens + new_tokens > int(bundle.manifest["model"]["text"]["max_position_embeddings"]):
         raise MllmError(f"--prompt-tokens {prompt_tokens} plus --new-tokens {new_tokens} exceeds the model's context")
-    if backend == "onnxruntime":
-        raw = measure_onnxruntime(bundle, ids, pixels, new_tokens, repeats, warmup, tick)
+    if backend in ("onnxruntime", "tensorrt"):
+        raw = measure_onnxruntime(bundle, ids, pixels, new_tokens, repeats, warmup, tick, backend)
     elif backend == "torch":
         from mllm_deploy.runtime.bench_torch import measure_torch  # the only path that imports torch
 
         raw = measure_torch(bundle, ids, pixels, new_tokens, repeats, warmup, tick)
     else:
-        raise MllmError(f"unknown --backend '{backend}'; choose onnxruntime or torch")
+        raise MllmError(f"unknown --backend '{backend}'; choose onnxruntime, tensorrt or torch")
     ttft = [v + p for v, p in zip(raw["vision"], raw["prefill"])]
     decode = spread(raw["decode"])
     return {

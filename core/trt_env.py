@@ -1,0 +1,78 @@
+"""Lazy access to TensorRT and the CUDA runtime (cuda-python), shared by build-mllm and the TensorRT backend.
+
+Nothing is imported until a function here is called, so ``--help`` and every module that merely
+mentions TensorRT stay instant and work on machines without it. A missing package is one
+DependencyError line that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mllm_deploy.core.errors import DependencyError, MllmError
+
+TRT_INSTALL_HINT = ("TensorRT is not installed: this needs the tensorrt Python package (Jetson: it comes with "
+                    "JetPack as python3-libnvinfer; x86: pip install tensorrt-cu12 or tensorrt-cu13) and a CUDA GPU")
+CUDA_INSTALL_HINT = "cuda-python is not installed: pip install 'cuda-python>=12' (the CUDA runtime bindings)"
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or DependencyError (also when only PyPI's stub package is present)."""
+    if os.environ.get("MLLM_DEPLOY_NO_TENSORRT"):  # lets tests exercise the missing-TensorRT path anywhere
+        raise DependencyError(TRT_INSTALL_HINT)
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - lazy on purpose
+    except Exception as exc:  # noqa: BLE001 - stubs raise RuntimeError/OSError, not only ImportError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DependencyError(f"{TRT_INSTALL_HINT} ({first})") from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
+        raise DependencyError(f"{TRT_INSTALL_HINT} (the installed tensorrt package has no Builder/Runtime)")
+    return trt
+
+
+def import_cudart():
+    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart  # noqa: PLC0415
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # noqa: PLC0415
+        except ImportError:
+            raise DependencyError(CUDA_INSTALL_HINT) from None
+    return cudart
+
+
+def cuda_call(cudart, result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` result; MllmError naming the call on failure."""
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if int(err) != 0:
+        try:
+            name = cudart.cudaGetErrorName(err)[1].decode()
+        except Exception:  # noqa: BLE001 - the name is only for the message
+            name = str(err)
+        raise MllmError(f"CUDA error in {what}: {name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def query_gpu(device: int = 0) -> tuple[str, str]:
+    """(name, compute capability "major.minor") of a CUDA device."""
+    cudart = import_cudart()
+    count = cuda_call(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if not count:
+        raise DependencyError("no CUDA GPU is visible (TensorRT needs one)")
+    props = cuda_call(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return name.split("\x00", 1)[0].strip(), f"{props.major}.{props.minor}"
+
+
+def tensorrt_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        raise MllmError(f"cannot read the TensorRT version {version!r}") from None

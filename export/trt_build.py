@@ -1,0 +1,232 @@
+"""build-mllm's work: parse each ONNX graph of a bundle with TensorRT and write ``BUNDLE/engines/``.
+
+Per graph: one engine with one optimisation profile (prefill: the prompt-length range; decode:
+input length 1 and each layer's KV capacity range; vision: static), the routing plugins loaded
+from ``--plugins`` when the graph has ``mllm_deploy`` nodes, and a cache key
+(``core/engines.py``) in ``engines/index.json``. Precision: TensorRT 11 networks are strongly
+typed (the bundle's dtype is the engine's: export FP16 graphs as FP16); TensorRT 10 builds
+float16 bundles strongly typed too, and float32 bundles either exactly (TF32 off) or with the
+FP16 builder flag (``--fp16``). The engines directory is written to a temporary folder and
+renamed, so a failed build leaves the previous engines (or none) in place.
+
+TensorRT and cuda-python are imported only when a build starts (``core/trt_env.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mllm_deploy.core.engines import (GRAPHS, INDEX_FILE, EngineKey, engine_file, engine_key, engines_dir, make_index,
+                                      map_tensors, read_index)
+from mllm_deploy.core.errors import BundleError, InputFileError, MllmError
+from mllm_deploy.core.fsutil import atomic_directory, atomic_write_text
+from mllm_deploy.core.hashing import sha256_file
+from mllm_deploy.export.trt_profiles import DEFAULT_PRESET, PRESETS, all_profiles, profile_settings
+
+PLUGIN_FILE = "libmllm_deploy_trt_plugins.so"  # the copy kept beside the engines
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    preset: str = DEFAULT_PRESET
+    plugins: Path | None = None
+    fp16: bool = False
+    workspace_mb: int | None = None
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Precision:
+    strongly_typed: bool
+    fp16_flag: bool
+    name: str  # what the engine computes in: "float32", "float16", or "float32+fp16-tactics"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strongly_typed": self.strongly_typed, "fp16_flag": self.fp16_flag, "precision": self.name}
+
+
+@dataclass
+class BuildResult:
+    engines_dir: Path
+    keys: list[EngineKey]
+    rebuilt: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    plugins: Path | None = None
+
+
+def precision_plan(bundle_dtype: str, trt_major: int, fp16: bool) -> Precision:
+    """How to build a bundle of ``bundle_dtype`` on TensorRT ``trt_major`` (pure; see the module doc)."""
+    if bundle_dtype not in ("float32", "float16"):
+        raise BundleError(f"bundle dtype {bundle_dtype!r} is neither float32 nor float16; re-export the bundle")
+    if bundle_dtype == "float16":
+        return Precision(True, False, "float16")
+    if fp16 and trt_major >= 11:
+        raise MllmError("TensorRT 11 networks are strongly typed, so --fp16 cannot lower a float32 bundle: "
+                        "export it with export-mllm --dtype float16 and build that bundle")
+    if fp16:
+        return Precision(False, True, "float32+fp16-tactics")
+    return Precision(True, False, "float32")
+
+
+def plugin_graphs(manifest: Mapping[str, Any]) -> dict[str, list[str]]:
+    """graph -> the routing op types it holds (only graphs that hold some)."""
+    return {graph: list(entry.get("custom_ops") or []) for graph, entry in manifest["graphs"].items()
+            if entry.get("custom_ops")}
+
+
+def check_plugins(manifest: Mapping[str, Any], plugins: Path | None) -> Path | None:
+    """The plugin library to load, or None when no graph needs one; MllmError when one is needed and missing."""
+    needed = plugin_graphs(manifest)
+    if plugins is not None and not Path(plugins).is_file():
+        raise InputFileError(f"plugin library not found: {plugins}")
+    if needed and plugins is None:
+        ops = sorted({op for found in needed.values() for op in found})
+        raise MllmError(f"the {', '.join(needed)} graph uses routing plugins ({', '.join(ops)}): pass --plugins "
+                        f"path/to/{PLUGIN_FILE} (cmake -S plugins -B build/plugins && cmake --build build/plugins)")
+    return Path(plugins) if plugins is not None and needed else None
+
+
+def build_settings(preset_name: str, options: BuildOptions, precision: Precision,
+                   profiles: Mapping[str, Any], graph: str) -> dict[str, Any]:
+    preset = PRESETS[preset_name]
+    return {"preset": preset.name, "workspace_mb": options.workspace_mb or preset.workspace_mb, **precision.to_dict(),
+            "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[graph].items()}}
+
+
+def planned_keys(manifest: Mapping[str, Any], options: BuildOptions, *, tensorrt: str, gpu: str,
+                 compute_capability: str, plugins_sha256: str | None) -> tuple[list[EngineKey], dict[str, Any]]:
+    """The keys the engines of this build will carry, and the profile settings (pure given the machine facts)."""
+    if options.preset not in PRESETS:
+        raise MllmError(f"unknown --preset {options.preset!r}; choose from {', '.join(PRESETS)}")
+    if options.workspace_mb is not None and options.workspace_mb < 64:
+        raise MllmError(f"--workspace must be at least 64 MB, got {options.workspace_mb}")
+    from mllm_deploy.core.trt_env import tensorrt_major
+
+    precision = precision_plan(str(manifest["dtype"]), tensorrt_major(tensorrt), options.fp16)
+    settings = profile_settings(manifest, PRESETS[options.preset], max_prompt_tokens=options.max_prompt_tokens,
+                                max_new_tokens=options.max_new_tokens)
+    profiles = all_profiles(manifest, settings)
+    needed = plugin_graphs(manifest)
+    keys = [engine_key(manifest, graph, tensorrt=tensorrt, gpu=gpu, compute_capability=compute_capability,
+                       plugins_sha256=plugins_sha256 if graph in needed else None,
+                       settings=build_settings(options.preset, options, precision, profiles, graph))
+            for graph in GRAPHS]
+    return keys, {"profile_settings": settings.to_dict(), "precision": precision.to_dict()}
+
+
+def up_to_date(bundle_dir: Path, keys: list[EngineKey]) -> bool:
+    """Whether engines/ already holds exactly these engines (same digests, files present)."""
+    index_path = engines_dir(bundle_dir) / INDEX_FILE
+    if not index_path.is_file():
+        return False
+    try:
+        index = read_index(json.loads(index_path.read_text()), str(index_path))
+    except (BundleError, ValueError, OSError):
+        return False
+    for key in keys:
+        entry = index["engines"].get(key.graph)
+        if entry is None or entry.get("digest") != key.digest or not (engines_dir(bundle_dir) / entry["file"]).is_file():
+            return False
+    return True
+
+
+# ---- the TensorRT part ------------------------------------------------------------------------------------
+def make_logger(trt, log: Callable[[str], None], verbose: bool = False):
+    """A trt.ILogger that keeps errors (for the one-line message) and forwards warnings (all with verbose) to ``log``."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):  # noqa: A003 - TensorRT's name
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(str(msg))
+            if int(severity) <= int(trt.ILogger.INFO if verbose else trt.ILogger.WARNING):
+                log(f"  [TensorRT] {msg}")
+
+    return Logger()
+
+
+def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], key: EngineKey,
+               plugins: Path | None) -> bytes:
+    builder = trt.Builder(logger)
+    if plugins is not None:
+        builder.get_plugin_registry().load_library(str(plugins))
+    settings = key.settings
+    flags = 0
+    if settings["strongly_typed"]:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise MllmError(f"TensorRT cannot parse {onnx_path.name}: {'; '.join(errors[:3]) or 'unknown error'}"
+                        " (check-trt-mllm shows what the parser refuses)")
+    tensors = [(network.get_input(i).name, True, network.get_input(i).dtype.name) for i in range(network.num_inputs)]
+    tensors += [(network.get_output(i).name, False, network.get_output(i).dtype.name)
+                for i in range(network.num_outputs)]
+    map_tensors(io, tensors, graph)  # the parsed network must be the manifest's graph
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_mb"]) << 20)
+    if settings["fp16_flag"]:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings["precision"] == "float32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # match ONNX Runtime's float32 within 1e-4
+    if settings["profile"]:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in settings["profile"].items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = logger.errors[-1] if logger.errors else "see the TensorRT log above"
+        raise MllmError(f"TensorRT could not build the {graph} engine: {detail}")
+    return bytes(serialized)
+
+
+def build_engines(bundle_dir: str | Path, manifest: Mapping[str, Any], options: BuildOptions,
+                  log: Callable[[str], None] = print, verbose: bool = False) -> BuildResult:
+    """Build (or keep, when up to date and not ``force``) the engines of a bundle whose files were checked."""
+    from mllm_deploy.core.trt_env import import_tensorrt, query_gpu
+
+    bundle_dir = Path(bundle_dir)
+    trt = import_tensorrt()  # fails with one line before anything is written
+    plugins = check_plugins(manifest, options.plugins)
+    gpu, capability = query_gpu()
+    plugins_sha = sha256_file(plugins) if plugins is not None else None
+    keys, extra = planned_keys(manifest, options, tensorrt=trt.__version__, gpu=gpu, compute_capability=capability,
+                               plugins_sha256=plugins_sha)
+    target = engines_dir(bundle_dir)
+    if not options.force and up_to_date(bundle_dir, keys):
+        log(f"engines in {target} are up to date (TensorRT {trt.__version__}, {gpu}, sm_{capability.replace('.', '')})")
+        kept = target / PLUGIN_FILE
+        return BuildResult(target, keys, rebuilt=False, plugins=kept if kept.is_file() else None)
+    logger = make_logger(trt, log, verbose)
+    seconds: dict[str, float] = {}
+    with atomic_directory(target) as scratch:
+        for key in keys:
+            log(f"building {key.graph} ({key.settings['precision']}, TensorRT {trt.__version__}, {gpu})")
+            start = time.perf_counter()
+            entry = manifest["graphs"][key.graph]
+            plan = _build_one(trt, logger, key.graph, bundle_dir / entry["file"],
+                              {"inputs": entry["inputs"], "outputs": entry["outputs"]}, key,
+                              plugins if key.plugins_sha256 else None)
+            (scratch / engine_file(key.graph)).write_bytes(plan)
+            seconds[key.graph] = time.perf_counter() - start
+            log(f"  {engine_file(key.graph)}: {len(plan) / 2**20:.1f} MiB in {seconds[key.graph]:.1f} s")
+        if plugins is not None:
+            shutil.copyfile(plugins, scratch / PLUGIN_FILE)  # engines and their plugins travel together
+        index = make_index(keys, {**extra, "tensorrt": trt.__version__, "gpu": gpu, "compute_capability": capability,
+                                  "plugins_file": PLUGIN_FILE if plugins is not None else None,
+                                  "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds})
+        atomic_write_text(scratch / INDEX_FILE, json.dumps(index, indent=1))
+    return BuildResult(target, keys, rebuilt=True, seconds=seconds,
+                       plugins=target / PLUGIN_FILE if plugins is not None else None)

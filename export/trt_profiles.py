@@ -1,0 +1,120 @@
+"""Optimisation-profile shapes of a bundle's graphs for TensorRT, from the manifest alone (pure).
+
+The bundle's LLM is two graphs, so it gets one profile per phase: the prefill engine's profile
+spans the prompt lengths (``prefill_len`` from the shortest valid prompt to the preset's longest),
+and the decode engine's profile has input length 1 and spans each layer's KV capacity
+(``past_len_{l}``). A layer's KV holds the tokens it processed: ``kv_len[l] = prompt - visual
+tokens + recipe.visual_tokens[l]``, plus the decode headroom the runtime allocates (the new
+tokens), so pruned layers get shorter ranges. The vision graph is static.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from mllm_deploy.core.errors import BundleError, MllmError
+
+PROFILE_DIM = re.compile(r"^(prefill_len|past_len_(\d+))$")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Build defaults for one kind of target. Text tokens are counted beyond the image's visual tokens."""
+    name: str
+    workspace_mb: int
+    opt_text_tokens: int
+    max_text_tokens: int
+    opt_new_tokens: int
+    max_new_tokens: int
+    note: str
+
+
+# The Jetsons share DRAM between CPU and GPU: smaller workspaces and context ranges leave room for weights.
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("jetson-orin-nano", 1024, 64, 512, 32, 256, "Orin Nano / NX, 8-16 GB shared, sm_87, JetPack 6 (TensorRT 10.3)"),
+    Preset("jetson-agx-orin", 4096, 128, 1536, 64, 512, "AGX Orin 32/64 GB shared, sm_87"),
+    Preset("jetson-thor", 8192, 128, 3072, 64, 1024, "AGX Thor 128 GB shared, sm_110, JetPack 7"),
+    Preset("datacenter", 8192, 128, 3072, 64, 1024, "discrete GPU (A100/L4/H100 ...)"),
+)}
+DEFAULT_PRESET = "datacenter"
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Prompt lengths count every token, image placeholders included; new tokens are decode headroom."""
+    min_prompt_tokens: int
+    opt_prompt_tokens: int
+    max_prompt_tokens: int
+    opt_new_tokens: int
+    max_new_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def profile_settings(manifest: Mapping[str, Any], preset: Preset, *, max_prompt_tokens: int | None = None,
+                     max_new_tokens: int | None = None) -> ProfileSettings:
+    """The prompt and decode ranges for this bundle on this preset, clamped to the model's context."""
+    visual = int(manifest["model"]["visual_tokens"])
+    context = int(manifest["model"]["text"]["max_position_embeddings"])
+    new_max = max_new_tokens if max_new_tokens is not None else preset.max_new_tokens
+    if new_max < 1:
+        raise MllmError(f"--max-new-tokens must be at least 1, got {new_max}")
+    smallest = visual + 1  # the image run and one text token
+    prompt_max = max_prompt_tokens if max_prompt_tokens is not None else visual + preset.max_text_tokens
+    prompt_max = min(prompt_max, context - new_max)
+    if prompt_max < smallest:
+        raise MllmError(f"no room for a prompt: the model's context is {context} positions, the image takes {visual} "
+                        f"and --max-new-tokens asks {new_max}; lower --max-new-tokens or --max-prompt-tokens")
+    prompt_opt = min(max(visual + preset.opt_text_tokens, smallest), prompt_max)
+    return ProfileSettings(smallest, prompt_opt, prompt_max, min(preset.opt_new_tokens, new_max), new_max)
+
+
+def kv_length(manifest: Mapping[str, Any], layer: int, prompt_tokens: int) -> int:
+    """Tokens layer ``layer`` caches after a prefill of ``prompt_tokens`` (runtime/bundle.py's formula)."""
+    kept = int(manifest["recipe"]["visual_tokens"][layer])
+    return prompt_tokens - int(manifest["model"]["visual_tokens"]) + kept
+
+
+def dim_ranges(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every symbolic input dimension of the bundle's graphs."""
+    s = settings
+    ranges = {"prefill_len": (s.min_prompt_tokens, s.opt_prompt_tokens, s.max_prompt_tokens)}
+    layers = int(manifest["model"]["text"]["num_layers"])
+    for layer in range(layers):
+        # capacity = kv_len + headroom (Generator.prefill allocates max_new_tokens >= 1 extra slots)
+        ranges[f"past_len_{layer}"] = (kv_length(manifest, layer, s.min_prompt_tokens) + 1,
+                                       kv_length(manifest, layer, s.opt_prompt_tokens) + s.opt_new_tokens,
+                                       kv_length(manifest, layer, s.max_prompt_tokens) + s.max_new_tokens)
+    return ranges
+
+
+def graph_profile(manifest: Mapping[str, Any], graph: str,
+                  settings: ProfileSettings) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """input name -> (min shape, opt shape, max shape) for the graph's dynamic inputs (static ones left out)."""
+    ranges = dim_ranges(manifest, settings)
+    profile = {}
+    for entry in manifest["graphs"][graph]["inputs"]:
+        shape = entry["shape"]
+        if all(isinstance(d, int) for d in shape):
+            continue
+        bounds: list[list[int]] = [[], [], []]
+        for dim in shape:
+            if isinstance(dim, int):
+                values = (dim, dim, dim)
+            elif PROFILE_DIM.match(str(dim)) and dim in ranges:
+                values = ranges[dim]
+            else:
+                raise BundleError(f"{graph} input {entry['name']} has dimension {dim!r}, which build-mllm cannot size; "
+                                  "re-export the bundle with this version of mllm-deploy")
+            for bound, value in zip(bounds, values):
+                bound.append(int(value))
+        profile[entry["name"]] = (tuple(bounds[0]), tuple(bounds[1]), tuple(bounds[2]))
+    return profile
+
+
+def all_profiles(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, dict]:
+    """graph -> its single profile (possibly empty: all shapes static)."""
+    return {graph: graph_profile(manifest, graph, settings) for graph in manifest["graphs"]}
