@@ -7,7 +7,6 @@ line number; the run stops at the first one unless ``skip_bad`` is set.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +53,18 @@ def synthetic_image(index: int, seed: int = 0, size: int = 96):
     return image
 
 
+MAX_SAMPLES = 100_000  # a typo such as builtin:synthetic:1000000000 should fail, not fill the memory
+
+
+def _count(text: str, spec: str) -> int:
+    # plain ASCII digits only: int() would also take ' 3', '+3', '1_0' and other scripts' digits
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_SAMPLES:
+        raise CalibrationDataError(f"'{spec}': N must be an integer from 1 to {MAX_SAMPLES}")
+    return int(text)
+
+
 def _synthetic(count_text: str, seed: int) -> list[CalibSample]:
-    try:
-        count = int(count_text)
-    except ValueError:
-        count = -1
-    if count < 1:
-        raise CalibrationDataError(f"'{SYNTHETIC_PREFIX}{count_text}': N must be a positive integer")
+    count = _count(count_text, SYNTHETIC_PREFIX + count_text)
     return [CalibSample(synthetic_image(i, seed), SYNTHETIC_QUESTIONS[i % len(SYNTHETIC_QUESTIONS)], f"synthetic:{i}")
             for i in range(count)]
 
@@ -69,15 +73,17 @@ def _shapes(rest: str) -> list[CalibSample]:
     from mllm_deploy.datasets import shapes_vqa
 
     split, _, count_text = rest.partition(":")
-    if split not in shapes_vqa.SPLIT_SEEDS or not count_text.isdigit() or int(count_text) < 1:
+    if split not in shapes_vqa.SPLIT_SEEDS:
         raise CalibrationDataError(f"'{SHAPES_PREFIX}{rest}': expected SPLIT:N with SPLIT one of"
                                    f" {', '.join(shapes_vqa.SPLIT_SEEDS)} and N >= 1")
+    count = _count(count_text, SHAPES_PREFIX + rest)
     return [CalibSample(e.image, e.question, f"shapes-vqa:{split}:{e.index}")
-            for e in shapes_vqa.examples(split, int(count_text))]
+            for e in shapes_vqa.examples(split, count)]
 
 
 def _jsonl(path: Path, skip_bad: bool) -> list[CalibSample]:
     from mllm_deploy.core.errors import ImageError
+    from mllm_deploy.core.jsonio import parse_json
     from mllm_deploy.runtime.preprocess import load_image
 
     if not path.is_file():
@@ -92,11 +98,8 @@ def _jsonl(path: Path, skip_bad: bool) -> list[CalibSample]:
             continue
         where = f"{path.name} line {number}"
         try:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            entry = parse_json(line, CalibrationDataError, where)
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"].strip():
                 raise CalibrationDataError(f"{where}: needs an object with string fields 'image' and 'prompt'")
             prompt = entry.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():

@@ -11,12 +11,19 @@
 
 ``prune_layers`` lists the layers where a selection happens; ``score`` says how tokens are
 ranked there. This module imports nothing heavy: the runtime and flops-mllm read recipes too.
+
+Mixture-of-depths (``method.name == "mod"``, docs/mod.md) is not pruning: a visual token a MoD
+layer skips stays in the sequence and later layers may process it again. ``visual_tokens[l]`` is
+then the number of visual tokens layer ``l`` *processes* (its capacity; ``N`` for dense layers),
+so it need not be monotonic, and the ``mod`` block names the routed layers, the router and the
+skipped-token rule. Routers with weights live in a safetensors file next to the recipe
+(``mod.router_file``, its sha256 in ``mod.router_sha256``), written by :func:`save_recipe`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,11 @@ PRUNE_STAGES = ("layer_input", "after_attention")
 QUERY_ROWS = ("last_text", "text", "visual_and_text")
 HEAD_REDUCTIONS = ("mean", "max")
 COMBINES = ("single", "self_times_cross", "random")
+# Mixture-of-depths (docs/mod.md)
+MOD_ROUTERS = ("trained", "fitted", "attention")
+MOD_SKIP_RULES = ("identity", "tanh_scale")  # skipped visual tokens: unchanged (gamma-MoD) or w*x (p-MoD)
+MOD_SELECTED_SCALES = ("none", "sigmoid", "tanh_norm")  # selected visual tokens' MLP output: as is, *p, *w
+MOD_ROUTER_INPUTS = ("input_norm", "residual")  # what a linear router reads: the layer's input RMSNorm output or x
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,10 @@ class Recipe:
     flops: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific records (KL curve, alpha, ...)
+    # Not serialised: where the recipe was read from (its router file resolves there) and, for a MoD
+    # recipe fresh from calibration, its router tensors before save_recipe writes them.
+    base_dir: Path | None = field(default=None, repr=False, compare=False, metadata={"serialise": False})
+    routers: dict[str, Any] | None = field(default=None, repr=False, compare=False, metadata={"serialise": False})
 
     # ---- derived views ----------------------------------------------------------------------
     @property
@@ -72,6 +88,15 @@ class Recipe:
     @property
     def num_layers(self) -> int:
         return len(self.visual_tokens)
+
+    @property
+    def is_mod(self) -> bool:
+        return self.method.get("name") == "mod"
+
+    @property
+    def mod_layers(self) -> list[int]:
+        """Routed (mixture-of-depths) layers; empty for other methods."""
+        return [int(l) for l in (self.mod or {}).get("layers", [])] if self.is_mod else []
 
     def mlp_visual_tokens(self) -> list[int]:
         """Visual tokens seen by o_proj and the MLP of each layer."""
@@ -83,6 +108,8 @@ class Recipe:
     @property
     def prune_layers(self) -> list[int]:
         """Layers at which a selection happens."""
+        if self.is_mod:
+            return self.mod_layers
         if self.prune_stage == "layer_input":
             previous = [self.model.visual_tokens] + self.visual_tokens[:-1]
             return [l for l, (a, b) in enumerate(zip(previous, self.visual_tokens)) if b < a]
@@ -91,18 +118,20 @@ class Recipe:
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("serialise", True)}
+        d = {k: asdict(v) if k in ("model", "score") else json.loads(json.dumps(v)) for k, v in d.items()}
         return {"schema": RECIPE_SCHEMA, **d}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Recipe":
+    def from_dict(cls, d: Any, base_dir: str | Path | None = None) -> "Recipe":
         if not isinstance(d, dict):
             raise RecipeError(f"a recipe is a JSON object, got {type(d).__name__}")
         if d.get("schema") != RECIPE_SCHEMA:
             raise RecipeError(f"recipe schema is {d.get('schema')!r}, expected {RECIPE_SCHEMA!r}")
+        check_field_types(d)
         try:
             model = ModelRef(**d["model"])
             score = ScoreSpec(**d.get("score", {}))
@@ -118,6 +147,7 @@ class Recipe:
                 flops=d.get("flops"),
                 provenance=dict(d.get("provenance", {})),
                 extra=dict(d.get("extra", {})),
+                base_dir=Path(base_dir) if base_dir is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"recipe is malformed: {type(exc).__name__}: {exc}") from None
@@ -143,6 +173,55 @@ class Recipe:
                 raise RecipeError(f"recipe visual_tokens[{l}] = {n} is outside 0..{limit}")
         if name != "mod" and any(b > a for a, b in zip(self.visual_tokens, self.visual_tokens[1:])):
             raise RecipeError("recipe visual_tokens must be non-increasing for pruning methods")
+        if name == "mod":
+            self._validate_mod()
+        elif self.mod is not None:
+            raise RecipeError(f"recipe has a 'mod' block but method {name!r}; only method 'mod' routes layers")
+
+    def _validate_mod(self) -> None:
+        mod, limit = self.mod, self.model.visual_tokens
+        if not isinstance(mod, dict):
+            raise RecipeError("a mod recipe needs a 'mod' object (routed layers, router, skip rule)")
+        if self.prune_stage != "layer_input" or self.final_visual_tokens is not None:
+            raise RecipeError("a mod recipe routes at each layer's input (prune_stage layer_input, no final_visual_tokens)")
+        for key, allowed in (("router", MOD_ROUTERS), ("skip", MOD_SKIP_RULES),
+                             ("selected_scale", MOD_SELECTED_SCALES), ("router_input", MOD_ROUTER_INPUTS)):
+            if mod.get(key) not in allowed:
+                raise RecipeError(f"recipe mod.{key} {mod.get(key)!r} is not one of {', '.join(allowed)}")
+        layers = mod.get("layers")
+        if not isinstance(layers, list) or not layers or layers != sorted(set(layers)) \
+                or not all(isinstance(l, int) and 0 <= l < self.num_layers for l in layers):
+            raise RecipeError(f"recipe mod.layers must be a non-empty ascending list of layers in 0..{self.num_layers - 1}")
+        capacity = mod.get("capacity")
+        if not isinstance(capacity, list) or len(capacity) != len(layers):
+            raise RecipeError("recipe mod.capacity must list one share per routed layer")
+        for l, n in enumerate(self.visual_tokens):
+            routed = l in layers
+            if routed and not 0 < n < limit:
+                raise RecipeError(f"recipe routes layer {l} but its capacity visual_tokens[{l}] = {n} is not in 1..{limit - 1}")
+            if not routed and n != limit:
+                raise RecipeError(f"recipe visual_tokens[{l}] = {n}: a layer mod does not route processes all {limit}")
+        router = mod["router"]
+        if router == "attention":
+            if layers[0] == 0:
+                raise RecipeError("the attention router ranks with the previous layer's attention: layer 0 cannot be routed")
+            if mod.get("router_file") or mod["skip"] != "identity" or mod["selected_scale"] != "none":
+                raise RecipeError("the attention router has no weights: no router_file, skip identity, selected_scale none")
+        elif self.routers is None and not mod.get("router_file"):
+            raise RecipeError(f"recipe mod.router {router!r} needs mod.router_file (the router weights)")
+        if mod.get("router_file") and (not isinstance(mod["router_file"], str) or Path(mod["router_file"]).name != mod["router_file"]):
+            raise RecipeError(f"recipe mod.router_file {mod['router_file']!r} must be a file name beside the recipe")
+        if mod["skip"] == "tanh_scale" or mod["selected_scale"] == "tanh_norm":
+            alpha = mod.get("tanh_alpha")
+            if not isinstance(alpha, (int, float)):
+                raise RecipeError("recipe mod.tanh_alpha must be a number when a TanhNorm rule is used")
+
+    def router_path(self) -> Path | None:
+        """Where the router file of a MoD recipe is (relative to the recipe's directory)."""
+        if not self.is_mod or not self.mod.get("router_file"):
+            return None
+        name = Path(self.mod["router_file"])
+        return (self.base_dir or Path(".")) / name
 
     def check_model(self, spec) -> None:
         """Refuse a recipe made for another model, naming the mismatching field."""
@@ -156,6 +235,47 @@ class Recipe:
             have = getattr(self.model, key)
             if have != value:
                 raise RecipeError(f"recipe does not match the model: model.{key} is {have!r} in the recipe, {value!r} in the model")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_field_types(d: dict) -> None:
+    """The JSON type of every field the code reads, checked before any is used, so a hand-edited or
+    truncated recipe is a :class:`RecipeError` naming the field (never a TypeError later)."""
+    model = d.get("model")
+    if not isinstance(model, dict):
+        raise RecipeError(f"recipe 'model' must be an object, got {type(model).__name__}")
+    for key in ("num_layers", "hidden_size", "visual_tokens"):
+        if not _is_int(model.get(key)) or model[key] < 1:
+            raise RecipeError(f"recipe model.{key} must be a positive integer, got {model.get(key)!r}")
+    for key in ("architecture", "fingerprint"):
+        if not isinstance(model.get(key), str):
+            raise RecipeError(f"recipe model.{key} must be a string, got {model.get(key)!r}")
+    if not isinstance(d.get("method"), dict) or not isinstance(d["method"].get("name"), str):
+        raise RecipeError("recipe 'method' must be an object with a 'name'")
+    tokens = d.get("visual_tokens")
+    if not isinstance(tokens, list) or not all(_is_int(v) for v in tokens):
+        raise RecipeError("recipe visual_tokens must be a list of integers, one per layer")
+    if d.get("final_visual_tokens") is not None and not _is_int(d["final_visual_tokens"]):
+        raise RecipeError(f"recipe final_visual_tokens must be an integer, got {d['final_visual_tokens']!r}")
+    score = d.get("score", {})
+    if not isinstance(score, dict):
+        raise RecipeError(f"recipe 'score' must be an object, got {type(score).__name__}")
+    for key, value in score.items():
+        if key in ("attention_layer_offset", "seed") and not _is_int(value):
+            raise RecipeError(f"recipe score.{key} must be an integer, got {value!r}")
+        if key in ("query_rows", "head_reduction", "combine") and not isinstance(value, str):
+            raise RecipeError(f"recipe score.{key} must be a string, got {value!r}")
+    if not isinstance(d.get("prune_stage", ""), str):
+        raise RecipeError(f"recipe prune_stage must be a string, got {d['prune_stage']!r}")
+    for key in ("flops", "mod"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise RecipeError(f"recipe '{key}' must be an object, got {type(d[key]).__name__}")
+    for key in ("provenance", "extra"):
+        if not isinstance(d.get(key, {}), dict):
+            raise RecipeError(f"recipe '{key}' must be an object, got {type(d[key]).__name__}")
 
 
 def random_scores(seed: int, layer: int, n_vis: int):
@@ -183,7 +303,31 @@ def dense_recipe(spec) -> Recipe:
 def load_recipe(path: str | Path, spec=None) -> Recipe:
     from mllm_deploy.core.jsonio import read_json
 
-    recipe = Recipe.from_dict(read_json(path, RecipeError, "recipe file"))
+    recipe = Recipe.from_dict(read_json(path, RecipeError, "recipe file"), base_dir=Path(path).resolve().parent)
     if spec is not None:
         recipe.check_model(spec)
     return recipe
+
+
+def router_file_name(recipe_path: str | Path) -> str:
+    """The router file written beside ``recipe_path``: ``<stem>.routers.safetensors``."""
+    return f"{Path(recipe_path).stem}.routers.safetensors"
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write ``recipe.json`` atomically; a MoD recipe holding router tensors gets its router file
+    (``<stem>.routers.safetensors``, sha256 recorded in the recipe) written first, beside it."""
+    import hashlib
+
+    from mllm_deploy.core.fsutil import atomic_write_bytes, atomic_write_text
+
+    path = Path(path)
+    if recipe.is_mod and recipe.routers is not None:
+        from mllm_deploy.calib.mod_routers import router_file_bytes
+
+        data = router_file_bytes(recipe.routers)
+        recipe.mod = {**recipe.mod, "router_file": router_file_name(path),
+                      "router_sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_bytes(path.parent / router_file_name(path), data)
+    recipe.base_dir = path.resolve().parent
+    atomic_write_text(path, recipe.to_json())

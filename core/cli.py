@@ -45,4 +45,19 @@ def main(
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The file system refused (permission denied, disk full, name too long, read-only): the
+        # user's environment to fix, so one line like any user error; --debug shows where.
+        if args.debug:
+            raise
+        print(f"{prog}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     return int(code or 0)
+
+
+def os_error_message(exc: OSError) -> str:
+    name = str(exc.filename) if exc.filename is not None else ""
+    if len(name) > 120:  # a 5,000-character path helps nobody; its ends say which one it was
+        name = f"{name[:60]}...{name[-40:]}"
+    text = f"{exc.strerror}: {name}" if exc.strerror and name else (exc.strerror or str(exc) or type(exc).__name__)
+    return " ".join(text.split())

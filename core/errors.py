@@ -41,3 +41,11 @@ class RecipeError(MllmError):
 
 class DependencyError(MllmError):
     """An optional dependency needed for this command is not installed."""
+
+
+class MemoryLimitError(MllmError):
+    """The estimated memory exceeds the --max-memory budget or the memory available."""
+
+
+class NumericalError(MllmError):
+    """The model produced NaN or Inf (corrupt weights, float16 overflow) instead of logits."""

@@ -15,6 +15,19 @@ def read_json(path: str | Path, error: type[MllmError], what: str, hint: str = "
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not valid JSON ({exc}){hint}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {path} as UTF-8 text ({exc}){hint}") from None
+    return parse_json(text, error, str(path), hint)
+
+
+def parse_json(text: str, error: type[MllmError], where: str, hint: str = "") -> Any:
+    """``json.loads`` whose every failure (syntax, nesting too deep, an integer of too many digits) is
+    one ``error`` naming ``where``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{where} is not valid JSON (nested too deeply){hint}") from None
+    except ValueError as exc:  # JSONDecodeError, and int() of a number longer than Python allows
+        problem = " ".join(str(exc).split())[:200]
+        raise error(f"{where} is not valid JSON ({problem}){hint}") from None

@@ -22,14 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--check-trt", metavar="VERSION",
                    help="also fail unless TensorRT VERSION's ONNX parser accepts every graph (10.3, 10.16, 11.4)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse when the export's estimated memory (weights + KV cache + activations) exceeds SIZE,"
+                        " e.g. 16GiB or 512MB (the memory available is always checked)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.core.memory import parse_size
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
 
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
-                            recipe=args.recipe, routing=args.routing, check_trt=args.check_trt)
+                            recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory)
     export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

@@ -32,6 +32,7 @@ class ExportOptions:
     recipe: str | None = None  # path to recipe.json; None exports the dense model
     routing: str = "native"  # "native" (standard ops) or "plugin" (mllm_deploy custom ops)
     check_trt: str | None = None  # TensorRT version whose ONNX parser must accept every graph
+    max_memory: int | None = None  # bytes; refuse when the export's memory estimate exceeds it
 
 
 def _write_tokenizer(model_dir: Path, target: Path) -> dict:
@@ -114,6 +115,14 @@ def _producer_versions() -> dict:
             "onnx": onnx.__version__}
 
 
+def _check_memory(spec: ModelSpec, model: str, options: ExportOptions) -> None:
+    """Refuse, before the weights load, an export whose estimate exceeds --max-memory or the memory available."""
+    from mllm_deploy.core.memory import available_memory, check_memory, export_estimate
+
+    estimate = export_estimate(spec, np.dtype(DTYPES[options.dtype]).itemsize, spec.visual_tokens + 12)
+    check_memory(estimate, f"exporting {model} ({options.dtype})", options.max_memory, available_memory())
+
+
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(), log=print) -> Path:
     from mllm_deploy.export.manifest import BUNDLE_SCHEMA, file_hashes
     from mllm_deploy.export.verify import verify_bundle
@@ -144,6 +153,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
+    _check_memory(spec, model, options)
     hf_model = load_hf_model(model_dir, attn_implementation="eager")
 
     with atomic_directory(output) as tmp:
@@ -152,6 +162,12 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
         graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing)
         tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
+        if recipe.router_path() is not None:
+            # the routers are baked into prefill.onnx; the copy lets the embedded recipe's PyTorch
+            # reference (bench-mllm --backend torch) find them beside the manifest
+            import shutil
+
+            shutil.copyfile(recipe.router_path(), tmp / recipe.mod["router_file"])
         manifest = {
             "schema": BUNDLE_SCHEMA,
             "producer": _producer_versions(),

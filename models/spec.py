@@ -116,6 +116,46 @@ def _rope_settings(text: dict) -> tuple[float, float]:
 
 
 def spec_from_config(cfg: dict) -> ModelSpec:
+    """The model geometry from a parsed config.json; a config of the wrong shape (a list where an
+    object belongs, a string where a number does) is a user error, not a crash."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
+    try:
+        spec = _spec_from_config(cfg)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise UnsupportedModelError(f"config.json is malformed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    _check_geometry(spec)
+    return spec
+
+
+def _check_geometry(spec: ModelSpec) -> None:
+    """Sizes are positive integers that fit together; eps and rope theta positive and finite."""
+    import math
+
+    counts = {f"vision_config.{k}": getattr(spec.vision, k) for k in (
+        "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels")}
+    counts.update({f"text_config.{k}": getattr(spec.text, k) for k in (
+        "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+        "max_position_embeddings")})
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedModelError(f"config.json {name} must be a positive integer, got {value!r}")
+    if spec.vision.patch_size > spec.vision.image_size:
+        raise UnsupportedModelError(f"config.json vision_config.patch_size {spec.vision.patch_size} is larger than"
+                                    f" image_size {spec.vision.image_size}")
+    if spec.vision.hidden_size % spec.vision.num_heads:
+        raise UnsupportedModelError("config.json vision_config.hidden_size is not a multiple of num_attention_heads")
+    if spec.text.num_heads % spec.text.num_kv_heads:
+        raise UnsupportedModelError("config.json text_config.num_attention_heads is not a multiple of num_key_value_heads")
+    for name, value in (("vision_config.layer_norm_eps", spec.vision.layer_norm_eps),
+                        ("text_config.rms_norm_eps", spec.text.rms_norm_eps),
+                        ("text_config.rope_theta", spec.text.rope_theta),
+                        ("text_config.rope_scaling factor", spec.text.rope_scaling_factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UnsupportedModelError(f"config.json {name} must be a positive number, got {value!r}")
+
+
+def _spec_from_config(cfg: dict) -> ModelSpec:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else cfg.get("model_type", "?")
     if arch not in SUPPORTED_ARCHITECTURES:

@@ -21,12 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--backend", default="onnxruntime", help="runtime backend (default onnxruntime)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="onnxruntime (default) or tensorrt (runs the engines build-mllm wrote into the bundle)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse to load when the estimated memory (weights + KV cache + activations) exceeds SIZE,"
+                        " e.g. 4GiB or 512MB (the memory available is always checked)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.core.memory import available_memory, parse_size
     from mllm_deploy.runtime.pipeline import Pipeline
     from mllm_deploy.runtime.sampling import SamplingConfig
 
@@ -35,17 +40,29 @@ def run(args: argparse.Namespace) -> int:
         from mllm_deploy.core.errors import MllmError
 
         raise MllmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     with Pipeline.load(args.bundle, backend=args.backend) as pipe:
-        # read the image before any output so a bad image prints nothing but the error
+        # read the image and the prompt, and check the request, before any output and before the
+        # sessions load: a bad image, a too-long prompt or a too-large model print nothing but the error
         pixels_source = pipe.pixel_values(args.image)
+        prompt_tokens = int(pipe.input_ids(args.prompt, args.raw_prompt).shape[1])
+        pipe.check_request(prompt_tokens, args.max_new_tokens, max_memory, available_memory())
+        streamed = []
 
         def stream(delta: str) -> None:
+            streamed.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()
 
-        answer = pipe.ask(pixels_source, prompt=args.prompt, raw_prompt=args.raw_prompt,
-                          max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          on_text=None if args.json else stream)
+        try:
+            answer = pipe.ask(pixels_source, prompt=args.prompt, raw_prompt=args.raw_prompt,
+                              max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              on_text=None if args.json else stream)
+        except KeyboardInterrupt:
+            if streamed:  # end the half-streamed line so the 'interrupted' message stands on its own
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
     if args.json:
         print(json.dumps(answer.to_dict()))
     else:

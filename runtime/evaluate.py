@@ -7,7 +7,6 @@ its recipe (exact formula, at the evaluated prompts' mean length) and the median
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import string
@@ -72,14 +71,17 @@ def load_eval_data(spec: str) -> list[EvalItem]:
     path = Path(spec)
     if not path.is_file():
         raise MllmError(f"evaluation data not found: {spec} (use shapes-vqa[:split][:N] or a JSONL file)")
+    from mllm_deploy.core.jsonio import parse_json
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MllmError(f"cannot read {path} as UTF-8 text: {exc}") from None
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MllmError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
+        entry = parse_json(line, MllmError, f"{path.name} line {number}")
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k).strip()
                                                   for k in ("image", "question", "answer")):
             raise MllmError(f"{path.name} line {number}: needs non-empty string fields image, question, answer")
@@ -141,7 +143,8 @@ def _run(pipe, items, max_new_tokens: int, label: str):
     return answers, logprobs, prefill_ms, float(np.mean(lengths)), float(np.mean(starts))
 
 
-def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4) -> list[BundleResult]:
+def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
+             backend: str = "onnxruntime") -> list[BundleResult]:
     from mllm_deploy.runtime.bundle import load_bundle
     from mllm_deploy.runtime.pipeline import Pipeline
 
@@ -151,7 +154,7 @@ def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4)
     order = [ref_index] + [i for i in range(len(loaded)) if i != ref_index]
     runs = {}
     for i in order:
-        with Pipeline(loaded[i]) as pipe:
+        with Pipeline(loaded[i], backend) as pipe:
             runs[i] = _run(pipe, items, max_new_tokens, f"eval {Path(bundles[i]).name}")
     ref_answers, ref_logprobs = runs[ref_index][0], runs[ref_index][1]
     results = []

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from mllm_deploy.core.errors import PromptError
+from mllm_deploy.core.errors import NumericalError, PromptError
 from mllm_deploy.runtime.backends import runner_class
 from mllm_deploy.runtime.backends.base import NP_DTYPES
 from mllm_deploy.runtime.bundle import Bundle
@@ -39,6 +39,24 @@ class Generation:
     timings: Timings
     stop_reason: str  # "eos" or "length"
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (accuracy checks)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
+    """Refuse a request longer than the positions the model (and its RoPE tables) was exported for."""
+    if prompt_tokens + max_new_tokens > max_positions:
+        raise PromptError(
+            f"prompt ({prompt_tokens} tokens) plus --max-new-tokens ({max_new_tokens}) is {prompt_tokens + max_new_tokens}"
+            f" tokens, more than the model's context of {max_positions} positions"
+        )
+
+
+def check_finite(logits: np.ndarray, step: str, num_layers: int, dtype: str) -> None:
+    """NaN or Inf in the logits means every token from here on is garbage: stop and say where."""
+    if not np.isfinite(logits).all():
+        bad = "NaN" if np.isnan(logits).any() else "Inf"
+        hint = "; float16 may have overflowed, try a float32 export" if dtype == "float16" else ""
+        raise NumericalError(f"the model produced {bad} logits at {step} (a {num_layers}-layer {dtype} bundle);"
+                             f" its weights may be corrupt{hint}")
 
 
 class Generator:
@@ -120,11 +138,7 @@ class Generator:
     ) -> Generation:
         """Greedy or sampled generation; ``ignore_eos`` generates exactly max_new_tokens (benchmarks)."""
         prompt_len = int(input_ids.shape[1])
-        if prompt_len + max_new_tokens > self.max_positions:
-            raise PromptError(
-                f"prompt ({prompt_len} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's"
-                f" context of {self.max_positions} positions"
-            )
+        check_context(prompt_len, max_new_tokens, self.max_positions)
         timings = Timings()
         sampler = Sampler(sampling)
         t0 = time.perf_counter()
@@ -133,6 +147,7 @@ class Generator:
         logits, cache = self.prefill(input_ids, features, capacity_extra=max_new_tokens)
         t2 = time.perf_counter()
         timings.vision_ms, timings.prefill_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        check_finite(logits, "prefill", self.bundle.num_layers, self.bundle.dtype)
         first_logits = logits
         tokens: list[int] = []
         stop_reason = "length"
@@ -150,6 +165,7 @@ class Generator:
             # pruned tokens keep their original positions, so decode continues after the full prompt
             logits = self.decode(token, prompt_len + step, cache)
             timings.decode_ms.append((time.perf_counter() - ts) * 1e3)
+            check_finite(logits, f"decode step {step + 1}", self.bundle.num_layers, self.bundle.dtype)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason,
                           first_logits=first_logits)

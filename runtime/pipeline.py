@@ -8,7 +8,7 @@ from typing import Callable
 
 from mllm_deploy.core.errors import MllmError
 from mllm_deploy.runtime.bundle import Bundle, load_bundle
-from mllm_deploy.runtime.generator import Generation, Generator
+from mllm_deploy.runtime.generator import Generation, Generator, check_context
 from mllm_deploy.runtime.prompt import PromptBuilder, TextStreamer
 from mllm_deploy.runtime.sampling import SamplingConfig
 
@@ -25,18 +25,41 @@ class Answer:
 
 
 class Pipeline:
+    """Constructing one reads the tokenizer and the image settings; the inference sessions are
+    created on first use (or by :meth:`start`), after the caller had the chance to check the
+    request (:meth:`check_request`) against the context and the memory budget."""
+
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", **backend_options):
+        from mllm_deploy.runtime.backends import runner_class
         from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
 
+        runner_class(backend)  # an unknown backend fails now, not at the first request
         self.bundle = bundle
         self.prompt = PromptBuilder.from_bundle(bundle)
         self.image_config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
-        self.generator = Generator(bundle, backend, **backend_options)
-        self.generator.__enter__()
+        self._backend, self._backend_options = backend, backend_options
+        self._generator: Generator | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", **backend_options) -> "Pipeline":
         return cls(load_bundle(path), backend, **backend_options)
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            generator = Generator(self.bundle, self._backend, **self._backend_options)
+            try:
+                generator.__enter__()
+            except BaseException:  # a failed or interrupted load frees the sessions it made
+                generator.close()
+                raise
+            self._generator = generator
+        return self._generator
+
+    def start(self) -> "Pipeline":
+        """Create the inference sessions now (they are otherwise created by the first request)."""
+        self.generator  # noqa: B018 - the property loads
+        return self
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -45,7 +68,31 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        self.generator.close()
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    def memory_estimate(self, prompt_tokens: int, max_new_tokens: int):
+        """Weights + KV cache + activations of one request of this length (core/memory.py)."""
+        from mllm_deploy.core.memory import runtime_estimate
+        from mllm_deploy.models.spec import spec_from_manifest
+
+        spec = spec_from_manifest(self.bundle.manifest["model"])
+        dtype_bytes = 2 if self.bundle.dtype == "float16" else 4
+        kv_tokens = [n + max_new_tokens for n in self.bundle.kv_lengths(prompt_tokens)]
+        return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes())
+
+    def check_request(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None = None,
+                      available: int | None = None) -> None:
+        """Before the sessions are loaded: the context length, then the memory estimate against the
+        ``--max-memory`` budget and the ``available`` memory (None: not checked)."""
+        from mllm_deploy.core.memory import check_memory
+
+        if max_new_tokens < 1:
+            raise MllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        check_context(prompt_tokens, max_new_tokens, self.bundle.max_positions)
+        what = f"running {self.bundle.path.name} ({prompt_tokens} prompt + {max_new_tokens} new tokens)"
+        check_memory(self.memory_estimate(prompt_tokens, max_new_tokens), what, max_memory, available)
 
     def input_ids(self, prompt: str | None = None, raw_prompt: str | None = None):
         if (prompt is None) == (raw_prompt is None):
@@ -77,6 +124,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise MllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         ids = self.input_ids(prompt, raw_prompt)
+        check_context(int(ids.shape[1]), max_new_tokens, self.bundle.max_positions)  # before any session loads
         pixels = self.pixel_values(image)
         streamer = TextStreamer(self.prompt)
 

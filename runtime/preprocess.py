@@ -9,6 +9,8 @@ match exactly; the float steps use the same dtypes as transformers, so the outpu
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def _size_dict(value, square: bool) -> dict:
 def _channels(value, name: str) -> tuple[float, ...]:
     values = (value,) * 3 if isinstance(value, (int, float)) else value
     if (not isinstance(values, (list, tuple)) or len(values) != 3
-            or not all(isinstance(v, (int, float)) for v in values)):
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
         raise UnsupportedModelError(f"{name} must have 3 numbers (one per RGB channel), got {value!r}")
     return tuple(float(v) for v in values)
 
@@ -87,6 +89,11 @@ class ImagePreprocessConfig:
             raise UnsupportedModelError(f"resample must be a PIL resampling code 0-5, got {self.resample!r}")
         if not isinstance(self.rescale_factor, (int, float)) or 0.0 in self.image_std:
             raise UnsupportedModelError(f"bad rescale_factor {self.rescale_factor!r} or image_std {self.image_std}")
+        flags = ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad")
+        if not all(isinstance(getattr(self, name), bool) for name in flags):
+            raise UnsupportedModelError(f"{', '.join(flags)} must be true or false")
+        if not all(math.isfinite(v) for v in (self.rescale_factor, *self.image_mean, *self.image_std)):
+            raise UnsupportedModelError("rescale_factor, image_mean and image_std must be finite numbers")
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ImagePreprocessConfig":
@@ -146,6 +153,8 @@ class ImagePreprocessConfig:
         if missing:
             raise MllmError(f"image preprocessing config is missing {', '.join(missing)}")
         v = {n: d[n] for n in names}
+        if not isinstance(v["resample"], int) or isinstance(v["resample"], bool):
+            raise MllmError(f"image preprocessing config: resample must be a PIL resampling code, got {v['resample']!r}")
         for n in ("size", "crop_size"):
             if not isinstance(v[n], dict):
                 raise MllmError(f"image preprocessing config: {n} must be an object, got {v[n]!r}")
@@ -166,10 +175,28 @@ class ImagePreprocessConfig:
         raise UnsupportedModelError("the image output size depends on the input (no center crop, no fixed resize)")
 
 
-def load_image(path) -> "Image.Image":
+# Pillow's own bomb limit (it warns above it and refuses above twice it); we refuse above it,
+# before a single pixel is decoded, so a small file that declares a huge image costs nothing.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> "Image.Image":
+    """Open and decode an image file; any problem with it is an :class:`ImageError` naming the file."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now so truncated or corrupt data fails here, not later
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the size
+            with Image.open(path) as image:
+                width, height = image.size
+                if width < 1 or height < 1:
+                    raise ImageError(f"image {path} is empty ({width}x{height} pixels)")
+                if width * height > max_pixels:
+                    raise ImageError(f"image {path} declares {width}x{height} pixels, more than the limit of"
+                                     f" {max_pixels} (a decompression bomb, or scale it down first)")
+                image.load()  # decode now so truncated or corrupt data fails here, not later
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow refuses above twice its limit, while opening
+        raise ImageError(f"image {path} is a decompression bomb or too large ({exc})") from None
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except IsADirectoryError:

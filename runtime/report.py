@@ -10,10 +10,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mllm_deploy.core.errors import InputFileError, MllmError
+from mllm_deploy.core.jsonio import read_json
 from mllm_deploy.runtime.bench import BENCH_SCHEMA, speedups, visual_summary
 
 EVAL_SCHEMA = "mllm-deploy/eval@1"
@@ -41,10 +45,7 @@ def load_inputs(paths: list[str]) -> Inputs:
         path = Path(name)
         if not path.is_file():
             raise InputFileError(f"results file not found: {path}")
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MllmError(f"{path} is not valid JSON ({exc})") from None
+        payload = read_json(path, MllmError, "results file")
         schema = payload.get("schema") if isinstance(payload, dict) else None
         if schema not in (BENCH_SCHEMA, EVAL_SCHEMA):
             raise MllmError(f"{path} has schema {schema!r}; report-mllm reads {BENCH_SCHEMA} (bench-mllm --json)"
@@ -280,7 +281,30 @@ def write_report(paths: list[str], out_dir: str | Path, dtype_bytes: int = 2,
     inputs = load_inputs(paths)
     devices = load_devices(devices_path)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"-o {out} is a file; give a directory for the report")
+    # Built in a temporary directory beside the target and moved in file by file at the end, so a
+    # failure leaves neither a half report nor an empty directory; other files in -o are left alone.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    try:
+        try:
+            names = _render(paths, inputs, devices, dtype_bytes, devices_path, tmp)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as exc:
+            files = ", ".join(Path(p).name for p in paths)
+            raise MllmError(f"results in {files} are malformed ({type(exc).__name__}: {exc}); give files written"
+                            " by bench-mllm --json or eval-mllm --json") from exc
+        out.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in names]
+
+
+def _render(paths: list[str], inputs: Inputs, devices: list[Device], dtype_bytes: int, devices_path: Path,
+            out: Path) -> list[str]:
+    """Write the report's files into ``out``; returns their names (report.md, report.html, figures)."""
     title = "mllm-deploy report"
     blocks: list[Block] = [("h1", title), ("p", "Made by report-mllm from " + ", ".join(Path(p).name for p in paths) + ".")]
     for index, (path, payload) in enumerate(inputs.bench):
@@ -293,4 +317,4 @@ def write_report(paths: list[str], out_dir: str | Path, dtype_bytes: int = 2,
         blocks.append(("p", "No bench-mllm results were given, so there are no device estimates."))
     (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out / "report.html").write_text(to_html(blocks, out, title), encoding="utf-8")
-    return [out / "report.md", out / "report.html"] + [out / b[1] for b in blocks if b[0] == "img"]
+    return ["report.md", "report.html"] + [b[1] for b in blocks if b[0] == "img"]

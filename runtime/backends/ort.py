@@ -10,6 +10,10 @@ from mllm_deploy.core.errors import BundleError, DependencyError
 from mllm_deploy.runtime.backends.base import Runner
 
 
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)", "bool": "tensor(bool)"}
+
+
 class OrtRunner(Runner):
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
                  profile: bool = False, custom_ops: list[str] | None = None):
@@ -44,6 +48,28 @@ class OrtRunner(Runner):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"onnxruntime cannot load {self.graph_path.name}: {first_line}") from None
+        self._check_io()
+
+    def _check_io(self) -> None:
+        """The graph file must have the inputs and outputs the manifest promises (an edited manifest
+        passes the hash check, since manifest.json is not hashed): refuse now, not at the first request."""
+        graph = {"inputs": {a.name: a for a in self.session.get_inputs()},
+                 "outputs": {a.name: a for a in self.session.get_outputs()}}
+        for kind in ("inputs", "outputs"):
+            for meta in self.io[kind]:
+                arg = graph[kind].get(meta["name"])
+                if arg is None:
+                    raise BundleError(f"{self.graph_path.name} has no {kind[:-1]} {meta['name']!r} that manifest.json"
+                                      " lists; re-export the bundle")
+                static = [(d, s) for d, s in zip(meta["shape"], arg.shape) if isinstance(d, int) and isinstance(s, int)]
+                if arg.type != _ORT_TYPES[meta["dtype"]] or len(arg.shape) != len(meta["shape"]) or \
+                        any(d != s for d, s in static):
+                    raise BundleError(f"{self.graph_path.name}: {meta['name']} is {arg.type} {arg.shape} in the graph,"
+                                      f" {meta['dtype']} {meta['shape']} in manifest.json; re-export the bundle")
+        extra = sorted(set(graph["inputs"]) - {meta["name"] for meta in self.io["inputs"]})
+        if extra:
+            raise BundleError(f"{self.graph_path.name} has input {extra[0]!r} that manifest.json does not list;"
+                              " re-export the bundle")
 
     def _plugin_session(self, options):
         """Graphs with mllm_deploy routing ops run through our ONNX Runtime kernels."""

@@ -1,0 +1,152 @@
+"""Memory limits: a ``--max-memory`` budget, the memory available, and an estimate to check them against.
+
+The estimate is weights + KV cache + activations, from the model geometry alone (a ``ModelSpec``,
+or the manifest's copy of it), so a model that cannot fit is refused before anything is loaded.
+It is an estimate, not a measurement: it counts the large tensors and leaves out the interpreter,
+the libraries and allocator slack.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mllm_deploy.core.errors import MemoryLimitError, MllmError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str, flag: str = "--max-memory") -> int:
+    """Bytes in ``4GiB``, ``512MB``, ``2G`` (binary, as docker and free read it), ``1.5GiB`` or ``1000000``."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) and text.isascii() else None
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise MllmError(f"{flag} {text!r} is not a size; write e.g. 4GiB, 512MB, 2G or a number of bytes")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise MllmError(f"{flag} {text!r} must be at least one byte")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    for scale, suffix in ((1024**4, "TiB"), (1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{int(n)} B"
+
+
+def available_memory(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """MemAvailable (what can be allocated without swapping), else free physical pages; None if unknown."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def describe(self) -> str:
+        return (f"{format_size(self.total)} (weights {format_size(self.weights)} + KV cache"
+                f" {format_size(self.kv_cache)} + activations {format_size(self.activations)})")
+
+
+def check_memory(estimate: MemoryEstimate, what: str, max_memory: int | None,
+                 available: int | None = None) -> None:
+    """Refuse ``what`` when its estimate exceeds the ``--max-memory`` budget or the available memory."""
+    if max_memory is not None and estimate.total > max_memory:
+        raise MemoryLimitError(f"{what} needs an estimated {estimate.describe()}, more than --max-memory"
+                               f" {format_size(max_memory)}")
+    if available is not None and estimate.total > available:
+        raise MemoryLimitError(f"{what} needs an estimated {estimate.describe()}, more than the"
+                               f" {format_size(available)} of memory available (MemAvailable); free memory or use"
+                               " a float16 or pruned bundle or fewer tokens")
+
+
+# ---- the estimate, from the geometry ---------------------------------------------------------------
+def text_parameters(text) -> int:
+    """Llama/Mistral decoder parameters: embeddings, layers, final norm, LM head (once if tied)."""
+    d, inter, vocab = text.hidden_size, text.intermediate_size, text.vocab_size
+    q, kv = text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    attention = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if text.attention_bias else 0)
+    mlp = 3 * d * inter + ((2 * inter + d) if text.mlp_bias else 0)
+    per_layer = attention + mlp + 2 * d
+    return vocab * d * (1 if text.tie_word_embeddings else 2) + text.num_layers * per_layer + d
+
+
+def vision_parameters(spec) -> int:
+    """CLIP tower (every layer, an upper bound on the layers exported) and the two-layer projector."""
+    v, d = spec.vision, spec.text.hidden_size
+    dv, inter = v.hidden_size, v.intermediate_size
+    embeddings = v.num_channels * v.patch_size**2 * dv + dv + (v.num_patches + 1) * dv + 4 * dv  # + pre/post norms
+    per_layer = 4 * (dv * dv + dv) + 2 * dv * inter + inter + dv + 4 * dv
+    projector = dv * d + d + d * d + d
+    return embeddings + v.num_layers * per_layer + projector
+
+
+def kv_cache_bytes(text, kv_tokens_per_layer: list[int], dtype_bytes: int) -> int:
+    return sum(2 * text.num_kv_heads * text.head_dim * int(n) * dtype_bytes for n in kv_tokens_per_layer)
+
+
+def activation_bytes(spec, prompt_tokens: int, dtype_bytes: int) -> int:
+    """Peak live tensors of one prefill (the larger of the vision tower and one decoder layer):
+    hidden states, q/k/v, the attention map [H, T, T] with its softmax, the MLP's three [T, I]."""
+    t, v = spec.text, spec.vision
+    tokens = max(int(prompt_tokens), 1)
+    text = (4 * tokens * t.hidden_size + tokens * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+            + 2 * t.num_heads * tokens * tokens + 3 * tokens * t.intermediate_size + t.vocab_size)
+    patches = v.num_patches + 1
+    vision = 4 * patches * v.hidden_size + 2 * v.num_heads * patches * patches + 2 * patches * v.intermediate_size
+    return max(text, vision) * dtype_bytes
+
+
+def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], prompt_tokens: int,
+                     weights_file_bytes: int | None = None) -> MemoryEstimate:
+    """A loaded bundle answering one request. The prefill and the decode session each hold the text
+    model's weights (ONNX Runtime copies external data per session); the vision session holds its own."""
+    text = text_parameters(spec.text) * dtype_bytes
+    stored = weights_file_bytes if weights_file_bytes is not None else text + vision_parameters(spec) * dtype_bytes
+    return MemoryEstimate(
+        weights=int(stored + min(text, stored)),
+        kv_cache=kv_cache_bytes(spec.text, kv_tokens_per_layer, dtype_bytes),
+        activations=activation_bytes(spec, prompt_tokens, dtype_bytes),
+    )
+
+
+def export_estimate(spec, dtype_bytes: int, prompt_tokens: int, new_tokens: int = 4) -> MemoryEstimate:
+    """export-mllm: the PyTorch model in float32, its weights copied to the export dtype, then the
+    verification run of the written bundle (ONNX Runtime sessions) next to the PyTorch reference."""
+    params = text_parameters(spec.text) + vision_parameters(spec)
+    torch_model = params * 4
+    collected = params * dtype_bytes
+    sessions = runtime_estimate(spec, dtype_bytes, [prompt_tokens + new_tokens] * spec.text.num_layers, prompt_tokens,
+                                weights_file_bytes=collected)
+    reference_kv = kv_cache_bytes(spec.text, [prompt_tokens + new_tokens] * spec.text.num_layers, 4)
+    return MemoryEstimate(
+        weights=torch_model + collected + sessions.weights,
+        kv_cache=sessions.kv_cache + reference_kv,
+        activations=sessions.activations + activation_bytes(spec, prompt_tokens, 4),
+    )
