@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="the user's question; goes through the chat template with the image")
     group.add_argument("--raw-prompt", help="the model input verbatim; must contain the image placeholder once")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens (timing runs)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             answer = pipe.ask(pixels_source, prompt=args.prompt, raw_prompt=args.raw_prompt,
                               max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              on_text=None if args.json else stream)
+                              on_text=None if args.json else stream, ignore_eos=args.ignore_eos)
         except KeyboardInterrupt:
             if streamed:  # end the half-streamed line so the 'interrupted' message stands on its own
                 sys.stdout.write("\n")

@@ -120,6 +120,7 @@ class Pipeline:
         max_new_tokens: int = 32,
         sampling: SamplingConfig = SamplingConfig(),
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> Answer:
         if max_new_tokens < 1:
             raise MllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -133,5 +134,5 @@ class Pipeline:
             if delta and on_text is not None:
                 on_text(delta)
 
-        generation = self.generator.generate(ids, pixels, max_new_tokens, sampling, on_token)
+        generation = self.generator.generate(ids, pixels, max_new_tokens, sampling, on_token, ignore_eos=ignore_eos)
         return Answer(text=self.prompt.decode(generation.tokens), generation=generation)

@@ -138,13 +138,18 @@ def test_interrupted_generation_leaves_the_pipeline_reusable(pipe, images):
     assert pipe.ask(images[1], prompt="What is this?", max_new_tokens=12).generation.tokens == reference
 
 
-def test_ctrl_c_during_generation_exits_130_with_one_line(pipe, bundle, images):
-    # a prompt whose greedy answer does not end within 300 tokens, so the signal lands mid-generation
-    prompt = next((p for p in PROMPTS
-                   if pipe.ask(images[0], prompt=p, max_new_tokens=300).generation.stop_reason == "length"), None)
-    assert prompt is not None, "every prompt ends early on this bundle"
-    proc = subprocess.Popen([str(VENV_BIN / "run-mllm"), str(bundle), "--image", str(images[0]), "--prompt", prompt,
-                             "--max-new-tokens", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_ignore_eos_generates_exactly_the_requested_tokens(bundle, images):
+    proc = subprocess.run([str(VENV_BIN / "run-mllm"), str(bundle), "--image", str(images[0]), "--prompt", PROMPTS[0],
+                           "--max-new-tokens", "40", "--ignore-eos", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) == 40
+
+
+def test_ctrl_c_during_generation_exits_130_with_one_line(bundle, images):
+    # --ignore-eos with 1900 new tokens: about a second of streaming on an idle CPU, so the signal
+    # sent after the first streamed byte lands mid-generation
+    proc = subprocess.Popen([str(VENV_BIN / "run-mllm"), str(bundle), "--image", str(images[0]), "--prompt", PROMPTS[0],
+                             "--max-new-tokens", "1900", "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.read(1), "no token was streamed"
         proc.send_signal(signal.SIGINT)
