@@ -149,7 +149,10 @@ def test_ctrl_c_during_generation_exits_130_with_one_line(bundle, images):
     # --ignore-eos with 1900 new tokens: about a second of streaming on an idle CPU, so the signal
     # sent after the first streamed byte lands mid-generation
     proc = subprocess.Popen([str(VENV_BIN / "run-mllm"), str(bundle), "--image", str(images[0]), "--prompt", PROMPTS[0],
-                             "--max-new-tokens", "1900", "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-new-tokens", "1900", "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a terminal's Ctrl-C: the child gets default SIGINT handling even when this test
+                            # runs in a background job, where the shell starts children with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.read(1), "no token was streamed"
         proc.send_signal(signal.SIGINT)
