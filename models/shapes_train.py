@@ -117,13 +117,11 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
         labels.append(label)
         weights.append(weight)
     ids_, mask, target = _pad(rows, labels, pad_id)
-    if qa_weight != 1.0:
-        token_weight = torch.zeros(target.shape)
-        for i, weight in enumerate(weights):
-            token_weight[i, :len(weight)] = torch.tensor(weight)
-        target = (target, token_weight)
+    token_weight = torch.zeros(target.shape)
+    for i, weight in enumerate(weights):
+        token_weight[i, :len(weight)] = torch.tensor(weight)
     pixels = torch.from_numpy(np.concatenate([preprocess(scene.image, image_config) for scene in scenes]))
-    return ids_, mask, target, pixels
+    return ids_, mask, target, token_weight, pixels
 
 
 class PatchHeads:
@@ -265,12 +263,11 @@ def main(argv=None) -> int:
             patch_loss = heads.loss(captured["features"], scenes)
             loss = patch_loss
         else:
-            ids, mask, target, pixels = make_conversation_batch(scenes, builder, image_config, eos_id, pad_id,
-                                                                args.qa_weight)
-            if args.qa_weight == 1.0:
+            ids, mask, target, token_weight, pixels = make_conversation_batch(
+                scenes, builder, image_config, eos_id, pad_id, args.qa_weight)
+            if args.qa_weight == 1.0:  # Hugging Face's own mean loss: runs recorded with it stay reproducible
                 answer_loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=target).loss
             else:  # question answers weigh qa_weight times a caption word
-                target, token_weight = target
                 logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, :-1]
                 per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                               target[:, 1:].reshape(-1), ignore_index=IGNORE,
