@@ -5,6 +5,7 @@
 Recipes are calibrated on the validation split (builtin:shapes-vqa:validation:N), bundles are
 exported fp32 with native routing, and every bundle answers the same test questions through
 the runtime (eval-mllm's code). Writes a markdown table and the eval JSON.
+MoD rows route layers 1..L-1 with fitted or attention routers at two capacities.
 PyramidDrop's default stages (8, 16, 24 of 32 layers) are scaled to the model's depth (L/4, L/2, 3L/4).
 """
 
@@ -28,6 +29,13 @@ def recipes(num_layers: int, calib: str) -> dict[str, dict]:
     }
     for budget in (0.3, 0.5, 0.7):
         out[f"fitprune {budget}"] = dict(method="fitprune", budget=budget, data=calib)
+    # mixture-of-depths on every layer after the first (the attention router reads the previous
+    # layer): capacity 2/3 matches FastV K=2 R=0.5's FLOPs, 1/2 matches R=0.75's
+    routed = list(range(1, num_layers))
+    for router in ("fitted", "attention"):
+        for capacity in (0.67, 0.5):
+            out[f"mod {router} c={capacity}"] = dict(method="mod", mod_plan="layers=" + ",".join(map(str, routed)),
+                                                     mod_capacity=[capacity], mod_router=router, data=calib)
     for name in list(out):
         if name.startswith(("fastv", "fitprune")):
             out[f"random @ {name}"] = dict(out[name], random_selection=True)

@@ -111,14 +111,17 @@ def _draw(draw, obj: SceneObject, fill) -> None:
         draw.polygon([(obj.cx, obj.cy - r), (obj.cx - r, obj.cy + r), (obj.cx + r, obj.cy + r)], fill=fill)
 
 
-def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str] | None:
+def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator):
+    """(question, answer, [(object, role)]) or None when the scene cannot ask this kind. Roles: 1 for
+    the object asked about (or counted, or named first), 2 for the one named second."""
     template = TEMPLATES[kind][int(rng.integers(len(TEMPLATES[kind])))]
     if kind == "colour_at":
         obj = objects[int(rng.integers(len(objects)))]
-        return template.format(r=ORDINALS[obj.row], c=ORDINALS[obj.col]), obj.colour
+        return template.format(r=ORDINALS[obj.row], c=ORDINALS[obj.col]), obj.colour, [(obj, 1)]
     if kind == "count":
         shape = SHAPES[int(rng.integers(3))]
-        return template.format(s=shape), NUMBERS[sum(o.shape == shape for o in objects)]
+        counted = [o for o in objects if o.shape == shape]
+        return template.format(s=shape), NUMBERS[len(counted)], [(o, 1) for o in counted]
     if kind in ("left_of", "above"):
         attr = "col" if kind == "left_of" else "row"
         pairs = [(a, b) for a in objects for b in objects if getattr(a, attr) != getattr(b, attr)]
@@ -126,20 +129,21 @@ def _question(kind: str, objects: list[SceneObject], rng: np.random.Generator) -
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
         answer = "yes" if getattr(a, attr) < getattr(b, attr) else "no"
-        return template.format(c1=a.colour, s1=a.shape, c2=b.colour, s2=b.shape), answer
+        return template.format(c1=a.colour, s1=a.shape, c2=b.colour, s2=b.shape), answer, [(a, 1), (b, 2)]
     if kind == "exists":
         present = {(o.colour, o.shape) for o in objects}
         if rng.random() < 0.5:
             colour, shape = sorted(present)[int(rng.integers(len(present)))]
-            return template.format(c=colour, s=shape), "yes"
+            named = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
+            return template.format(c=colour, s=shape), "yes", [(o, 1) for o in named]
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         colour, shape = absent[int(rng.integers(len(absent)))]
-        return template.format(c=colour, s=shape), "no"
+        return template.format(c=colour, s=shape), "no", []
     unique = [o for o in objects if sum(p.colour == o.colour for p in objects) == 1]
     if not unique:
         return None
     obj = unique[int(rng.integers(len(unique)))]
-    return template.format(c=obj.colour), obj.shape
+    return template.format(c=obj.colour), obj.shape, [(obj, 1)]
 
 
 def example(split: str, index: int) -> Example:
@@ -184,6 +188,8 @@ class Scene:
     patch_classes: np.ndarray  # [PATCHES_PER_SIDE**2] 0 background, else 1 + colour*3 + shape
     patch_centres: np.ndarray  # [PATCHES_PER_SIDE**2] 1 where an object's centre falls
     caption: list[tuple[str, bool]]  # (word, supervised): places are given, what is there is asked
+    drill: list[tuple[str, str, str]]  # more questions of every kind, for training rows
+    relevance: list[np.ndarray]  # per question of qas + drill: role of each patch (see relevance())
 
 
 def patch_classes(objects: list[SceneObject]) -> np.ndarray:
@@ -222,17 +228,37 @@ def caption(objects: list[SceneObject]) -> list[tuple[str, bool]]:
     return words
 
 
-def scene(split: str, index: int) -> Scene:
-    """The index-th scene of a split with a question of every kind it can ask (in random order).
+def relevance(refs) -> np.ndarray:
+    """Per-patch role of a question's objects (row-major): 0 not named, 1 asked about / counted /
+    named first, 2 named second; the patches whose centre the drawing covers and the patch of the
+    object's centre (a small object may cover no patch centre). Training-only target."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    for obj, role in refs:
+        _draw(draw, obj, role)
+    centre = PATCH // 2
+    roles = np.asarray(canvas)[centre::PATCH, centre::PATCH].reshape(-1).astype(np.int64)
+    for obj, role in refs:
+        roles[(obj.cy // PATCH) * PATCHES_PER_SIDE + obj.cx // PATCH] = role
+    return roles
+
+
+def scene(split: str, index: int, drill: int = 0) -> Scene:
+    """The index-th scene of a split with a question of every kind it can ask (in random order),
+    and ``drill`` more rounds of such questions (drawn after, so the rest does not depend on it).
 
     Training packs these as one multi-turn conversation, so the image is encoded once for
-    several supervised answers."""
+    many supervised answers."""
     rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
     objects = _scene(rng)
     image = render(objects, rng)
-    qas = []
-    for kind in rng.permutation(QUESTION_TYPES):
-        qa = _question(str(kind), objects, rng)
-        if qa is not None:
-            qas.append((qa[0], qa[1], str(kind)))
-    return Scene(image, qas, patch_classes(objects), patch_centres(objects), caption(objects))
+    qas, more, roles = [], [], []
+    for round_ in range(1 + drill):
+        for kind in rng.permutation(QUESTION_TYPES):
+            qa = _question(str(kind), objects, rng)
+            if qa is not None:
+                (more if round_ else qas).append((qa[0], qa[1], str(kind)))
+                roles.append(relevance(qa[2]))
+    return Scene(image, qas, patch_classes(objects), patch_centres(objects), caption(objects), more, roles)

@@ -38,19 +38,17 @@ def build_word_tokenizer():
     return tok
 
 
-# The question comes before the image: each visual token can then attend to the question and
-# work out locally whether it is what is asked about, and the answer position only has to pool
-# those matches. With the LLaVA order (image first) a 4-layer model trained on two CPU cores for
-# 750 steps stayed at the question-prior accuracy: binding attributes across positions from the
-# answer token alone was learned far too slowly. Text after the image ("assistant :") is still
-# what FastV and FitPrune rank with.
+# LLaVA's order: the image, then the question, then "assistant :". The answer position reads the
+# question a few tokens back and looks the answer up among the visual tokens in one step. (A
+# question-before-image order, tried to let visual tokens see the question, trained no faster:
+# see BENCHMARKS.md "shapes-llava training".)
 SHAPES_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ 'user : ' }}{%- else -%}{{ 'assistant : ' }}{%- endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}"
-    "{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] + ' ' }}{%- endif -%}{%- endfor -%}"
-    "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<image>' }}{%- endif -%}{%- endfor -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<image> ' }}{%- endif -%}{%- endfor -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'user' -%}{{ ' ' }}{%- else -%}{{ eos_token }}{%- endif -%}"
     "{%- endfor -%}"

@@ -65,3 +65,34 @@ def test_questions_alone_do_not_give_the_answers():
     assert 0.35 <= blind <= 0.45, blind
     assert all(q == e.question and a == e.answer
                for (q, a, _k), e in zip(test[:5], shapes_vqa.examples("test", 5)))
+
+
+def test_relevance_maps_mark_the_objects_a_question_names():
+    """The training-only attention target: every patch a question marks shows the object it names
+    (colour read off the patch label), and a question about a present object marks at least one."""
+    colours, shapes = list(shapes_vqa.COLOURS), shapes_vqa.SHAPES
+    checked = 0
+    for i in range(30):
+        sc = shapes_vqa.scene("validation", i, drill=1)
+        questions = sc.qas + sc.drill
+        assert len(sc.relevance) == len(questions)
+        for (question, answer, kind), roles in zip(questions, sc.relevance):
+            words = question.split()
+            marked = sc.patch_classes[roles == 1]
+            drawn = marked[marked > 0]  # the centre patch of a small object may show background
+            if kind == "shape_of_colour":
+                assert roles.any() and roles.max() == 1
+                [named] = [w for w in words if w in colours]
+                assert all(colours[(c - 1) // 3] == named for c in drawn)
+                assert all(shapes[(c - 1) % 3] == answer for c in drawn)
+                checked += 1
+            elif kind == "colour_at":
+                assert roles.any() and all(colours[(c - 1) // 3] == answer for c in drawn)
+                checked += 1
+            elif kind in ("left_of", "above"):
+                assert (roles == 1).any() and (roles == 2).any()
+            elif kind == "exists":
+                assert roles.any() == (answer == "yes")
+            elif kind == "count":
+                assert roles.any() == (answer != "zero")
+    assert checked >= 30
