@@ -303,20 +303,19 @@ def main(argv=None) -> int:
         else:
             ids, mask, target, token_weight, pixels, looks = make_conversation_batch(
                 scenes, builder, image_config, eos_id, pad_id, args.qa_weight)
-            look = torch.zeros(())
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                        labels=target if args.qa_weight == 1.0 else None, output_attentions=args.look_weight > 0)
             if args.qa_weight == 1.0:  # Hugging Face's own mean loss: runs recorded with it stay reproducible
-                out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=target,
-                            output_attentions=args.look_weight > 0)
                 answer_loss = out.loss
-                if args.look_weight > 0:
-                    look = look_loss(out.attentions, ids, model.config.image_token_id, looks, args.look_layer)
             else:  # question answers weigh qa_weight times a caption word
-                logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, :-1]
+                logits = out.logits[:, :-1]
                 per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                               target[:, 1:].reshape(-1), ignore_index=IGNORE,
                                                               reduction="none")
                 w = token_weight[:, 1:].reshape(-1)
                 answer_loss = (per_token * w).sum() / w.sum()
+            look = (look_loss(out.attentions, ids, model.config.image_token_id, looks, args.look_layer)
+                    if args.look_weight > 0 else torch.zeros(()))
             # auxiliary, training only: the projected visual tokens must tell what their patch shows
             # and where it is (without it the answer loss alone left the visual tokens
             # uninformative: the model sat at the question-prior accuracy)
