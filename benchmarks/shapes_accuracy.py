@@ -51,6 +51,7 @@ def main() -> int:
     args = p.parse_args()
 
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.recipe import save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import load_spec
     from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
@@ -65,7 +66,7 @@ def main() -> int:
         bundle = work / f"bundle-{slug}"
         if not (bundle / "manifest.json").exists():
             recipe = calibrate(args.model, CalibOptions(**options), log=lambda m: print(m, file=sys.stderr))
-            (work / f"{slug}.json").write_text(recipe.to_json())
+            save_recipe(recipe, work / f"{slug}.json")  # MoD recipes also write their router weights
             export_bundle(args.model, bundle, ExportOptions(recipe=str(work / f"{slug}.json"), force=True),
                           log=lambda m: print(m, file=sys.stderr))
         bundles[name] = bundle

@@ -12,7 +12,7 @@ Splits come from disjoint seed ranges, so train, validation and test never share
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -190,6 +190,8 @@ class Scene:
     caption: list[tuple[str, bool]]  # (word, supervised): places are given, what is there is asked
     drill: list[tuple[str, str, str]]  # more questions of every kind, for training rows
     relevance: list[np.ndarray]  # per question of qas + drill: role of each patch (see relevance())
+    refs: list[list[tuple[SceneObject, int]]] = field(default_factory=list)  # per question: (object, role)
+    cells: np.ndarray | None = None  # [PATCHES_PER_SIDE**2] class of the object in the patch's grid cell
 
 
 def patch_classes(objects: list[SceneObject]) -> np.ndarray:
@@ -206,6 +208,17 @@ def patch_classes(objects: list[SceneObject]) -> np.ndarray:
         _draw(draw, obj, 1 + colours.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape))
     centre = PATCH // 2
     return np.asarray(canvas)[centre::PATCH, centre::PATCH].reshape(-1).astype(np.int64)
+
+
+def cell_classes(objects: list[SceneObject]) -> np.ndarray:
+    """Per-patch class (row-major, as ``patch_classes``) of the object whose grid cell holds the
+    patch, 0 for an empty cell: a training-only target that spreads an object's identity over its cell."""
+    colours = list(COLOURS)
+    grid = np.zeros((GRID, GRID), dtype=np.int64)
+    for obj in objects:
+        grid[obj.row, obj.col] = 1 + colours.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+    per_cell = PATCHES_PER_SIDE // GRID
+    return np.repeat(np.repeat(grid, per_cell, 0), per_cell, 1).reshape(-1)
 
 
 def patch_centres(objects: list[SceneObject]) -> np.ndarray:
@@ -254,11 +267,13 @@ def scene(split: str, index: int, drill: int = 0) -> Scene:
     rng = np.random.default_rng(SPLIT_SEEDS[split] + index)
     objects = _scene(rng)
     image = render(objects, rng)
-    qas, more, roles = [], [], []
+    qas, more, roles, refs = [], [], [], []
     for round_ in range(1 + drill):
         for kind in rng.permutation(QUESTION_TYPES):
             qa = _question(str(kind), objects, rng)
             if qa is not None:
                 (more if round_ else qas).append((qa[0], qa[1], str(kind)))
                 roles.append(relevance(qa[2]))
-    return Scene(image, qas, patch_classes(objects), patch_centres(objects), caption(objects), more, roles)
+                refs.append(qa[2])
+    return Scene(image, qas, patch_classes(objects), patch_centres(objects), caption(objects), more, roles, refs,
+                 cell_classes(objects))

@@ -10,10 +10,15 @@ from its first step. Then the whole model trains on multi-turn conversations: th
 its first question exactly as at inference, a question of every other kind (``--drill N``: N
 more rounds of them), and last a "describe the image" turn whose caption names each object's
 place and asks for its colour and shape (dense supervision for reading a place off the image;
-it comes last so no answer can be copied from its text). ``--look-weight`` adds a training-only
-loss on two attention heads at each answer position, pointing them at the visual tokens of the
-objects the question names (needs eager attention: about 1.6x slower per step). Loss is on answer words, caption colour/shape words and EOS, plus the
-per-patch loss at a lower weight. Without the first stage and the caption the model stayed at
+it comes last so no answer can be copied from its text). Loss is on answer words, caption
+colour/shape words and EOS, plus the per-patch loss at a lower weight.
+
+Training-only auxiliary losses that supervise each step of a lookup at the position that
+predicts an answer: ``--probe-weight`` (before the look layer the hidden state must say what the
+question names; after it, what the named object is and where), ``--look-weight`` (two heads of
+the look layer attend to the named objects' visual tokens; scores recomputed for those positions
+only, so the model keeps its fused attention) and ``--cell-weight`` (each visual token also tells
+the class of the object in its grid cell). Without the first stage and the caption the model stayed at
 the image-blind accuracy for 900 steps on two CPU cores.
 
 The result is a Hugging Face model directory (safetensors, tokenizer, processor, chat template)
@@ -81,10 +86,87 @@ def make_batch(examples, builder, image_config, eos_id: int, pad_id: int):
     return ids, mask, target, pixels
 
 
+QUERY_SLOTS = ("kind", "colour", "shape", "colour2", "shape2", "row", "column")
+
+
+def _query_sizes():
+    from mllm_deploy.datasets import shapes_vqa as sv
+
+    # one extra class per slot for "the question does not name it"
+    return (len(sv.QUESTION_TYPES), len(sv.COLOURS) + 1, len(sv.SHAPES) + 1, len(sv.COLOURS) + 1,
+            len(sv.SHAPES) + 1, sv.GRID + 1, sv.GRID + 1)
+
+
+READOUT_SIZES = (6, 3, 4, 4, 4, 4)  # asked-about object: colour, shape, row, column; second object: row, column
+
+
+def query_targets(question: str, kind: str) -> list[int]:
+    """What the question names, read off its words: kind, first and second colour and shape, grid
+    row and column (the last class of each slot: not named). Target of the training-only query probe."""
+    from mllm_deploy.datasets import shapes_vqa as sv
+
+    words = question.split()
+    colours = [list(sv.COLOURS).index(w) for w in words if w in sv.COLOURS]
+    shapes = [sv.SHAPES.index(w.rstrip("s")) for w in words if w.rstrip("s") in sv.SHAPES]
+    sizes = _query_sizes()
+
+    def at(items, i, none):
+        return items[i] if len(items) > i else none
+
+    def after(word):
+        return sv.ORDINALS.index(words[words.index(word) + 1]) if word in words else sv.GRID
+
+    return [sv.QUESTION_TYPES.index(kind), at(colours, 0, sizes[1] - 1), at(shapes, 0, sizes[2] - 1),
+            at(colours, 1, sizes[3] - 1), at(shapes, 1, sizes[4] - 1), after("row"), after("column")]
+
+
+def readout_targets(refs) -> list[int]:
+    """Attributes of the object a question asks about (when it names exactly one) and the grid place
+    of the second object named (IGNORE where there is none): target of the readout probe."""
+    from mllm_deploy.datasets import shapes_vqa as sv
+
+    first = [o for o, role in refs if role == 1]
+    second = [o for o, role in refs if role == 2]
+    out = [IGNORE] * len(READOUT_SIZES)
+    if len(first) == 1:
+        o = first[0]
+        out[:4] = [list(sv.COLOURS).index(o.colour), sv.SHAPES.index(o.shape), o.row, o.col]
+    if len(second) == 1:
+        out[4:] = [second[0].row, second[0].col]
+    return out
+
+
+class AnswerSite(tuple):
+    """(row, position that predicts the answer, per-patch roles, query targets, readout targets)."""
+
+    def __new__(cls, b, pos, roles, query, readout):
+        return super().__new__(cls, (b, pos, roles, query, readout))
+
+
+def _site(b: int, position: int, scene, turn: int, question: str) -> AnswerSite:
+    """The answer site of question ``turn`` of a scene, at the position that predicts its answer."""
+    refs = scene.refs[turn] if scene.refs else []
+    kind = (scene.qas + scene.drill)[turn][2]
+    return AnswerSite(b, position, scene.relevance[turn], query_targets(question, kind), readout_targets(refs))
+
+
+def _append_answer(row, label, weight, answer, w: float, eos_id: int, encode) -> None:
+    """Answer words (supervised ones labelled, at weight ``w``) and EOS onto a training row."""
+    for word, supervised in answer:
+        token = encode(word)
+        row += token
+        label += token if supervised else [IGNORE] * len(token)
+        weight += [w if supervised else 0.0] * len(token)
+    row.append(eos_id)
+    label.append(eos_id)
+    weight.append(w)
+
+
 def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: int, qa_weight: float = 1.0):
     """Multi-turn rows: the image and its first question as at inference, then more questions
     about the same image, then the caption turn last (so no answer can be read off its text);
-    every answer word, caption colour/shape word and EOS is supervised."""
+    every answer word, caption colour/shape word and EOS is supervised. Also returns one
+    ``AnswerSite`` per question, for the training-only attention and probe losses."""
     import numpy as np
     import torch
 
@@ -94,14 +176,13 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
     def ids(text: str) -> list[int]:
         return builder.tokenizer.encode(text, add_special_tokens=False).ids
 
-    rows, labels, weights, looks = [], [], [], []
+    rows, labels, weights, sites = [], [], [], []
     for b, scene in enumerate(scenes):
         row = builder.encode(builder.render_chat(scene.qas[0][0]))[0].tolist()
         label = [IGNORE] * len(row)
         weight = [0.0] * len(row)
         qas = scene.qas + scene.drill
         turns = [(q, [(a, True)]) for q, a, _kind in qas] + [(CAPTION_PROMPT, scene.caption)]
-        roles = list(scene.relevance) + [None]
         for turn, (question, answer) in enumerate(turns):
             if turn:
                 follow = ids(f"user : {question} assistant :")
@@ -109,16 +190,9 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
                 label += [IGNORE] * len(follow)
                 weight += [0.0] * len(follow)
             w = 1.0 if turn == len(turns) - 1 else qa_weight  # the caption turn is last
-            if roles[turn] is not None and roles[turn].any():
-                looks.append((b, len(row) - 1, roles[turn]))  # the position that predicts the answer
-            for word, supervised in answer:
-                token = ids(word)
-                row += token
-                label += token if supervised else [IGNORE] * len(token)
-                weight += [w if supervised else 0.0] * len(token)
-            row.append(eos_id)
-            label.append(eos_id)
-            weight.append(w)
+            if turn < len(qas):
+                sites.append(_site(b, len(row) - 1, scene, turn, question))
+            _append_answer(row, label, weight, answer, w, eos_id, ids)
         rows.append(row)
         labels.append(label)
         weights.append(weight)
@@ -127,32 +201,159 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
     for i, weight in enumerate(weights):
         token_weight[i, :len(weight)] = torch.tensor(weight)
     pixels = torch.from_numpy(np.concatenate([preprocess(scene.image, image_config) for scene in scenes]))
-    return ids_, mask, target, token_weight, pixels, looks
+    return ids_, mask, target, token_weight, pixels, sites
 
 
-def look_loss(attentions, ids, image_token_id: int, looks, layer: int):
-    """Training-only: at the position that predicts each answer, head 0 of ``layer`` should put its
-    attention on the visual tokens of the object asked about (role 1) and head 1 on the second
-    object named (role 2): -log of the attention mass there, averaged."""
+def make_segment_batch(scenes, builder, image_config, eos_id: int, pad_id: int, qa_weight: float = 1.0):
+    """Rows that share one image among many independent questions: the image prefix, then one
+    segment per question (and the caption turn), each attending only to the prefix and itself and
+    numbered from the same position. Every segment computes exactly what the inference prompt of
+    its question computes, yet the image is encoded once per row. Returns input ids, a 4-D additive
+    attention mask, position ids, labels, loss weights, pixels and one ``AnswerSite`` per question."""
+    import numpy as np
     import torch
 
-    if not looks:
-        return torch.zeros(())
-    probs = attentions[layer]  # [B, H, T, T]
-    rows = torch.tensor([b for b, _pos, _roles in looks])
-    at = torch.tensor([pos for _b, pos, _roles in looks])
-    seen = probs[rows, :2, at]  # [N, 2, T]: heads 0 and 1 at each answer-predicting position
-    roles = torch.zeros(len(looks), probs.shape[-1], dtype=torch.long)
-    for i, (b, _pos, role) in enumerate(looks):
-        roles[i, (ids[b] == image_token_id).nonzero().squeeze(-1)] = torch.from_numpy(role)
+    from mllm_deploy.datasets.shapes_vqa import CAPTION_PROMPT
+    from mllm_deploy.runtime.preprocess import preprocess
+
+    image_id = builder.image_token_id
+    rows, labels, weights, positions, segs, sites = [], [], [], [], [], []
+    for b, scene in enumerate(scenes):
+        qas = scene.qas + scene.drill
+        turns = [(q, [(a, True)]) for q, a, _kind in qas] + [(CAPTION_PROMPT, scene.caption)]
+        row = label = weight = pos = seg = None
+        for turn, (question, answer) in enumerate(turns):
+            prompt = builder.encode(builder.render_chat(question))[0].tolist()
+            split = max(i for i, t in enumerate(prompt) if t == image_id) + 1
+            if row is None:  # the shared prefix: everything up to the last image token
+                row, pos, seg = prompt[:split], list(range(split)), [0] * split
+                label, weight = [IGNORE] * split, [0.0] * split
+            elif prompt[:split] != row[:split]:
+                raise ValueError("chat template puts question text before the image; segments need it after")
+            part = prompt[split:]
+            w = 1.0 if turn == len(turns) - 1 else qa_weight  # the caption turn is last
+            start = len(row)
+            row += part
+            label += [IGNORE] * len(part)
+            weight += [0.0] * len(part)
+            if turn < len(qas):
+                sites.append(_site(b, len(row) - 1, scene, turn, question))
+            _append_answer(row, label, weight, answer, w, eos_id,
+                           lambda word: builder.tokenizer.encode(word, add_special_tokens=False).ids)
+            pos += list(range(split, split + len(row) - start))
+            seg += [turn + 1] * (len(row) - start)
+        rows.append(row)
+        labels.append(label)
+        weights.append(weight)
+        positions.append(pos)
+        segs.append(seg)
+    ids, pad_mask, target = _pad(rows, labels, pad_id)
+    width = ids.shape[1]
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    token_weight = torch.zeros(target.shape)
+    for i in range(len(rows)):
+        position_ids[i, :len(positions[i])] = torch.tensor(positions[i])
+        segment[i, :len(segs[i])] = torch.tensor(segs[i])
+        token_weight[i, :len(weights[i])] = torch.tensor(weights[i])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    to_prefix = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)
+    allowed = causal[None] & (same | to_prefix)
+    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    pixels = torch.from_numpy(np.concatenate([preprocess(scene.image, image_config) for scene in scenes]))
+    return ids, mask[:, None], position_ids, target, token_weight, pixels, sites
+
+
+def answer_attention_logits(attn, hidden, position_embeddings, sites, heads=(0, 1), mask=None):
+    """Pre-softmax scores [N, len(heads), T] of ``attn`` (a Llama attention module, given its input
+    ``hidden`` [B, T, D] and rotary tables) from each site's answer-predicting position; keys after
+    it (or outside ``mask``) are -inf. Recomputed for the few sites only, so training keeps the fused attention."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b_idx = torch.tensor([s[0] for s in sites])
+    pos = torch.tensor([s[1] for s in sites])
+    batch, length, _ = hidden.shape
+    d = attn.head_dim
+    q = attn.q_proj(hidden).view(batch, length, -1, d).transpose(1, 2)
+    k = attn.k_proj(hidden).view(batch, length, -1, d).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    groups = attn.num_key_value_groups
+    heads = list(heads)
+    q_sel = q[b_idx, :, pos][:, heads]  # [N, h, d]: advanced indices around a slice come first
+    k_sel = k[b_idx][:, [h // groups for h in heads]]  # [N, h, T, d]
+    scores = torch.einsum("nhd,nhtd->nht", q_sel, k_sel) * attn.scaling
+    if mask is not None:  # [B, 1, T, T] additive: the keys each site's position may see
+        hidden_keys = mask[b_idx, 0, pos] < 0
+    else:
+        hidden_keys = torch.arange(length)[None, :] > pos[:, None]
+    return scores.masked_fill(hidden_keys[:, None, :], float("-inf"))
+
+
+def look_loss(scores, ids, image_token_id: int, sites):
+    """Training-only: at the position that predicts each answer, head 0 should put its attention on
+    the visual tokens of the object asked about (role 1) and head 1 on the second object named
+    (role 2): -log of the attention mass there, averaged. ``scores``: [N, 2, T] pre-softmax."""
+    import torch
+
+    roles = torch.zeros(len(sites), scores.shape[-1], dtype=torch.long)
+    for i, site in enumerate(sites):
+        roles[i, (ids[site[0]] == image_token_id).nonzero().squeeze(-1)] = torch.from_numpy(site[2])
+    logp = torch.log_softmax(scores, dim=-1)
     terms = []
     for head, role in ((0, 1), (1, 2)):
         wanted = roles == role
         named = wanted.any(-1)
         if named.any():
-            mass = (seen[:, head] * wanted).sum(-1)[named]
-            terms.append(-torch.log(mass + 1e-6))
-    return torch.cat(terms).mean()
+            terms.append(-torch.logsumexp(logp[:, head].masked_fill(~wanted, float("-inf")), dim=-1)[named])
+    return torch.cat(terms).mean() if terms else torch.zeros(())
+
+
+class Probes:
+    """Training-only linear probes at each answer-predicting position: before the look layer the
+    hidden state should say what the question names (``query_targets``), after it what the named
+    objects are and where (``readout_targets``) — dense supervision for each step of the lookup."""
+
+    def __init__(self, hidden: int):
+        import torch
+
+        self.query_sizes = _query_sizes()
+        self.query = torch.nn.Linear(hidden, sum(self.query_sizes))
+        self.readout = torch.nn.Linear(hidden, sum(READOUT_SIZES))
+
+    def parameters(self):
+        return list(self.query.parameters()) + list(self.readout.parameters())
+
+    def state_dict(self):
+        return {"query": self.query.state_dict(), "readout": self.readout.state_dict()}
+
+    def load_state_dict(self, state):
+        self.query.load_state_dict(state["query"])
+        self.readout.load_state_dict(state["readout"])
+
+    @staticmethod
+    def _slots(logits, targets, sizes):
+        import torch.nn.functional as F
+
+        losses, start = [], 0
+        for i, size in enumerate(sizes):
+            if (targets[:, i] != IGNORE).any():
+                losses.append(F.cross_entropy(logits[:, start:start + size], targets[:, i], ignore_index=IGNORE))
+            start += size
+        return sum(losses) / max(1, len(losses))
+
+    def loss(self, before, after, sites):
+        import torch
+
+        b_idx = torch.tensor([s[0] for s in sites])
+        pos = torch.tensor([s[1] for s in sites])
+        query = torch.tensor([s[3] for s in sites])
+        readout = torch.tensor([s[4] for s in sites])
+        return (self._slots(self.query(before[b_idx, pos]), query, self.query_sizes)
+                + self._slots(self.readout(after[b_idx, pos]), readout, READOUT_SIZES))
 
 
 class PatchHeads:
@@ -160,13 +361,15 @@ class PatchHeads:
     an object's centre is in it, and its grid row and column — so the visual tokens the text model
     reads already say what is where."""
 
-    def __init__(self, hidden: int, patches_per_side: int, grid: int):
+    def __init__(self, hidden: int, patches_per_side: int, grid: int, cell_weight: float = 0.0):
         import torch
 
         from mllm_deploy.datasets import shapes_vqa
 
         self.classes = 1 + len(shapes_vqa.COLOURS) * len(shapes_vqa.SHAPES)
-        self.head = torch.nn.Linear(hidden, self.classes + 2 + 2 * grid)
+        self.cell_weight = cell_weight  # > 0: also the class of the object in the patch's grid cell
+        extra = self.classes if cell_weight > 0 else 0
+        self.head = torch.nn.Linear(hidden, self.classes + 2 + 2 * grid + extra)
         self.grid = grid
         cell = torch.arange(patches_per_side) * grid // patches_per_side
         self.rows = cell[:, None].expand(patches_per_side, patches_per_side).reshape(-1)
@@ -186,10 +389,14 @@ class PatchHeads:
         centres = torch.from_numpy(np.stack([s.patch_centres for s in scenes])).reshape(-1)
         c, g = self.classes, self.grid
         flat = logits.reshape(-1, logits.shape[-1])
-        return (F.cross_entropy(flat[:, :c], classes, weight=self.class_weight)
+        loss = (F.cross_entropy(flat[:, :c], classes, weight=self.class_weight)
                 + F.cross_entropy(flat[:, c:c + 2], centres, weight=self.centre_weight)
                 + F.cross_entropy(flat[:, c + 2:c + 2 + g], self.rows.repeat(batch))
-                + F.cross_entropy(flat[:, c + 2 + g:], self.cols.repeat(batch)))
+                + F.cross_entropy(flat[:, c + 2 + g:c + 2 + 2 * g], self.cols.repeat(batch)))
+        if self.cell_weight > 0:
+            cells = torch.from_numpy(np.stack([s.cells for s in scenes])).reshape(-1)
+            loss = loss + self.cell_weight * F.cross_entropy(flat[:, c + 2 + 2 * g:], cells, weight=self.class_weight)
+        return loss
 
 
 def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id: int, batch: int = 64) -> float:
@@ -228,7 +435,15 @@ def main(argv=None) -> int:
     p.add_argument("--look-weight", type=float, default=0.0,
                    help="auxiliary loss: the answer position attends to the objects the question names")
     p.add_argument("--look-layer", type=int, default=2, help="text layer whose heads 0 and 1 carry it")
+    p.add_argument("--probe-weight", type=float, default=0.0,
+                   help="auxiliary probes at each answer position: the question's content before the look "
+                        "layer, the named objects' attributes after it")
+    p.add_argument("--cell-weight", type=float, default=0.0,
+                   help="auxiliary per-patch target: the class of the object in the patch's grid cell")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="auxiliary per-patch loss (training only)")
+    p.add_argument("--layout", choices=("segments", "conversation"), default="conversation",
+                   help="segments: every question sees only the image and itself, as at inference; "
+                        "conversation: one multi-turn conversation per image")
     p.add_argument("--eval-size", type=int, default=384)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None, help="model directory to write (default: the packaged shapes-llava)")
@@ -251,16 +466,25 @@ def main(argv=None) -> int:
     state_path = work / "state.pt"
     if not (init_dir / "config.json").is_file():
         write_untrained(init_dir, seed=args.seed)
-    # attention probabilities are only returned by the eager implementation
-    model = LlavaForConditionalGeneration.from_pretrained(
-        init_dir, dtype=torch.float32, attn_implementation="eager" if args.look_weight > 0 else None).train()
+    model = LlavaForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32).train()
     builder = prompt_builder(init_dir)
     image_config = ImagePreprocessConfig.from_model_dir(init_dir)
     eos_id, pad_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
-    heads = PatchHeads(model.config.text_config.hidden_size, shapes_vqa.PATCHES_PER_SIDE, shapes_vqa.GRID)
+    heads = PatchHeads(model.config.text_config.hidden_size, shapes_vqa.PATCHES_PER_SIDE, shapes_vqa.GRID,
+                       args.cell_weight)
+    probes = Probes(model.config.text_config.hidden_size)
     captured: dict = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.head.parameters()), lr=args.lr,
+    layers = model.model.language_model.layers
+    layers[args.look_layer].self_attn.register_forward_pre_hook(
+        lambda _m, _a, kw: captured.update(look_in=kw["hidden_states"], rope=kw["position_embeddings"]),
+        with_kwargs=True)
+    layers[args.look_layer - 1].register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("before", out[0] if isinstance(out, tuple) else out))
+    layers[args.look_layer].register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("after", out[0] if isinstance(out, tuple) else out))
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.head.parameters()) + probes.parameters(),
+                                  lr=args.lr,
                                   weight_decay=0.01, betas=(0.9, 0.98))
     text_steps = args.steps - args.vision_steps
 
@@ -281,6 +505,8 @@ def main(argv=None) -> int:
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         heads.head.load_state_dict(state["patch_heads"])
+        if "probes" in state:
+            probes.load_state_dict(state["probes"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
@@ -297,14 +523,19 @@ def main(argv=None) -> int:
         if step < args.vision_steps:
             pixels = torch.from_numpy(np.concatenate([preprocess(s.image, image_config) for s in scenes]))
             model.model.get_image_features(pixel_values=pixels)
-            answer_loss = look = torch.zeros(())
+            answer_loss = look = probe = torch.zeros(())
             patch_loss = heads.loss(captured["features"], scenes)
             loss = patch_loss
         else:
-            ids, mask, target, token_weight, pixels, looks = make_conversation_batch(
-                scenes, builder, image_config, eos_id, pad_id, args.qa_weight)
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                        labels=target if args.qa_weight == 1.0 else None, output_attentions=args.look_weight > 0)
+            position_ids = None
+            if args.layout == "segments":
+                ids, mask, position_ids, target, token_weight, pixels, sites = make_segment_batch(
+                    scenes, builder, image_config, eos_id, pad_id, args.qa_weight)
+            else:
+                ids, mask, target, token_weight, pixels, sites = make_conversation_batch(
+                    scenes, builder, image_config, eos_id, pad_id, args.qa_weight)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixels,
+                        labels=target if args.qa_weight == 1.0 else None)
             if args.qa_weight == 1.0:  # Hugging Face's own mean loss: runs recorded with it stay reproducible
                 answer_loss = out.loss
             else:  # question answers weigh qa_weight times a caption word
@@ -314,13 +545,21 @@ def main(argv=None) -> int:
                                                               reduction="none")
                 w = token_weight[:, 1:].reshape(-1)
                 answer_loss = (per_token * w).sum() / w.sum()
-            look = (look_loss(out.attentions, ids, model.config.image_token_id, looks, args.look_layer)
-                    if args.look_weight > 0 else torch.zeros(()))
+            look = probe = torch.zeros(())
+            if args.look_weight > 0:
+                looks = [site for site in sites if site[2].any()]
+                scores = answer_attention_logits(layers[args.look_layer].self_attn, captured["look_in"],
+                                                 captured["rope"], looks,
+                                                 mask=mask if args.layout == "segments" else None)
+                look = look_loss(scores, ids, model.config.image_token_id, looks)
+            if args.probe_weight > 0:
+                probe = probes.loss(captured["before"], captured["after"], sites)
             # auxiliary, training only: the projected visual tokens must tell what their patch shows
             # and where it is (without it the answer loss alone left the visual tokens
             # uninformative: the model sat at the question-prior accuracy)
             patch_loss = heads.loss(captured["features"], scenes)
-            loss = answer_loss + args.patch_loss_weight * patch_loss + args.look_weight * look
+            loss = (answer_loss + args.patch_loss_weight * patch_loss + args.look_weight * look
+                    + args.probe_weight * probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -330,7 +569,7 @@ def main(argv=None) -> int:
             running = float(answer_loss) if running is None else 0.95 * running + 0.05 * float(answer_loss)
         if step % 25 == 0:
             print(f"step {step} answer loss {running or 0:.4f} patch loss {float(patch_loss):.4f}"
-                  f" look loss {float(look):.4f} lr {lr_at(step):.2e}"
+                  f" look loss {float(look):.4f} probe loss {float(probe):.4f} lr {lr_at(step):.2e}"
                   f" {time.perf_counter() - started:.0f}s",
                   file=sys.stderr, flush=True)
         if step > args.vision_steps and (step % args.eval_every == 0 or step == args.steps):
@@ -339,6 +578,7 @@ def main(argv=None) -> int:
                             "seconds": round(time.perf_counter() - started, 1)})
             print(f"eval step {step}: validation accuracy {acc:.3f}", file=sys.stderr, flush=True)
             torch.save({"model": model.state_dict(), "patch_heads": heads.head.state_dict(),
+                        "probes": probes.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step,
                         "history": history, "elapsed": time.perf_counter() - started, "segments": segments,
                         "torch_rng": torch.get_rng_state()}, state_path)
@@ -348,8 +588,9 @@ def main(argv=None) -> int:
     write_untrained(out, seed=args.seed)  # tokenizer, processor, template, config
     model.save_pretrained(out)
     log = {"model": "shapes-llava", "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-           "warmup": args.warmup, "vision_steps": args.vision_steps, "qa_weight": args.qa_weight, "drill": args.drill,
-           "look_weight": args.look_weight, "look_layer": args.look_layer, "patch_loss_weight": args.patch_loss_weight, "train_scenes_seen": args.steps * args.batch,
+           "warmup": args.warmup, "vision_steps": args.vision_steps, "qa_weight": args.qa_weight, "drill": args.drill, "layout": args.layout,
+           "look_weight": args.look_weight, "look_layer": args.look_layer,
+           "probe_weight": args.probe_weight, "cell_weight": args.cell_weight, "patch_loss_weight": args.patch_loss_weight, "train_scenes_seen": args.steps * args.batch,
            "final_validation_accuracy": history[-1]["val_accuracy"] if history else None,
            "validation_examples": args.eval_size, "wall_seconds": round(time.perf_counter() - started, 1),
            "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores",
