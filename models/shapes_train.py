@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 IGNORE = -100
 
@@ -97,7 +98,11 @@ def _query_sizes():
             len(sv.SHAPES) + 1, sv.GRID + 1, sv.GRID + 1)
 
 
-READOUT_SIZES = (6, 3, 4, 4, 4, 4)  # asked-about object: colour, shape, row, column; second object: row, column
+def _readout_sizes():
+    from mllm_deploy.datasets import shapes_vqa as sv
+
+    # asked-about object: colour, shape, row, column; second object: row, column
+    return (len(sv.COLOURS), len(sv.SHAPES), sv.GRID, sv.GRID, sv.GRID, sv.GRID)
 
 
 def query_targets(question: str, kind: str) -> list[int]:
@@ -127,7 +132,7 @@ def readout_targets(refs) -> list[int]:
 
     first = [o for o, role in refs if role == 1]
     second = [o for o, role in refs if role == 2]
-    out = [IGNORE] * len(READOUT_SIZES)
+    out = [IGNORE] * len(_readout_sizes())
     if len(first) == 1:
         o = first[0]
         out[:4] = [list(sv.COLOURS).index(o.colour), sv.SHAPES.index(o.shape), o.row, o.col]
@@ -136,17 +141,19 @@ def readout_targets(refs) -> list[int]:
     return out
 
 
-class AnswerSite(tuple):
-    """(row, position that predicts the answer, per-patch roles, query targets, readout targets)."""
+class AnswerSite(NamedTuple):
+    """Where a question's answer is predicted, and the training-only targets there."""
 
-    def __new__(cls, b, pos, roles, query, readout):
-        return super().__new__(cls, (b, pos, roles, query, readout))
+    b: int  # row of the batch
+    pos: int  # position whose logits predict the answer
+    roles: object  # np.ndarray: per-patch role of the named objects (shapes_vqa.relevance)
+    query: list[int]  # query_targets
+    readout: list[int]  # readout_targets
 
 
-def _site(b: int, position: int, scene, turn: int, question: str) -> AnswerSite:
+def _site(b: int, position: int, scene, turn: int, question: str, kind: str) -> AnswerSite:
     """The answer site of question ``turn`` of a scene, at the position that predicts its answer."""
     refs = scene.refs[turn] if scene.refs else []
-    kind = (scene.qas + scene.drill)[turn][2]
     return AnswerSite(b, position, scene.relevance[turn], query_targets(question, kind), readout_targets(refs))
 
 
@@ -191,7 +198,7 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
                 weight += [0.0] * len(follow)
             w = 1.0 if turn == len(turns) - 1 else qa_weight  # the caption turn is last
             if turn < len(qas):
-                sites.append(_site(b, len(row) - 1, scene, turn, question))
+                sites.append(_site(b, len(row) - 1, scene, turn, question, qas[turn][2]))
             _append_answer(row, label, weight, answer, w, eos_id, ids)
         rows.append(row)
         labels.append(label)
@@ -237,7 +244,7 @@ def make_segment_batch(scenes, builder, image_config, eos_id: int, pad_id: int, 
             label += [IGNORE] * len(part)
             weight += [0.0] * len(part)
             if turn < len(qas):
-                sites.append(_site(b, len(row) - 1, scene, turn, question))
+                sites.append(_site(b, len(row) - 1, scene, turn, question, qas[turn][2]))
             _append_answer(row, label, weight, answer, w, eos_id,
                            lambda word: builder.tokenizer.encode(word, add_special_tokens=False).ids)
             pos += list(range(split, split + len(row) - start))
@@ -247,7 +254,7 @@ def make_segment_batch(scenes, builder, image_config, eos_id: int, pad_id: int, 
         weights.append(weight)
         positions.append(pos)
         segs.append(seg)
-    ids, pad_mask, target = _pad(rows, labels, pad_id)
+    ids, _padding, target = _pad(rows, labels, pad_id)  # the 4-D mask below replaces the padding mask
     width = ids.shape[1]
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -273,17 +280,19 @@ def answer_attention_logits(attn, hidden, position_embeddings, sites, heads=(0, 
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    b_idx = torch.tensor([s[0] for s in sites])
-    pos = torch.tensor([s[1] for s in sites])
+    b_idx = torch.tensor([s.b for s in sites])
+    pos = torch.tensor([s.pos for s in sites])
     batch, length, _ = hidden.shape
     d = attn.head_dim
-    q = attn.q_proj(hidden).view(batch, length, -1, d).transpose(1, 2)
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # [1, T, d] without position ids
+    # queries only at the sites ([N, H, 1, d]); keys everywhere
+    q = attn.q_proj(hidden[b_idx, pos]).view(len(sites), -1, 1, d)
     k = attn.k_proj(hidden).view(batch, length, -1, d).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, _ = apply_rotary_pos_emb(q, q, cos[b_idx, pos][:, None], sin[b_idx, pos][:, None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
     groups = attn.num_key_value_groups
     heads = list(heads)
-    q_sel = q[b_idx, :, pos][:, heads]  # [N, h, d]: advanced indices around a slice come first
+    q_sel = q[:, heads, 0]  # [N, h, d]
     k_sel = k[b_idx][:, [h // groups for h in heads]]  # [N, h, T, d]
     scores = torch.einsum("nhd,nhtd->nht", q_sel, k_sel) * attn.scaling
     if mask is not None:  # [B, 1, T, T] additive: the keys each site's position may see
@@ -301,7 +310,7 @@ def look_loss(scores, ids, image_token_id: int, sites):
 
     roles = torch.zeros(len(sites), scores.shape[-1], dtype=torch.long)
     for i, site in enumerate(sites):
-        roles[i, (ids[site[0]] == image_token_id).nonzero().squeeze(-1)] = torch.from_numpy(site[2])
+        roles[i, (ids[site.b] == image_token_id).nonzero().squeeze(-1)] = torch.from_numpy(site.roles)
     logp = torch.log_softmax(scores, dim=-1)
     terms = []
     for head, role in ((0, 1), (1, 2)):
@@ -322,7 +331,8 @@ class Probes:
 
         self.query_sizes = _query_sizes()
         self.query = torch.nn.Linear(hidden, sum(self.query_sizes))
-        self.readout = torch.nn.Linear(hidden, sum(READOUT_SIZES))
+        self.readout_sizes = _readout_sizes()
+        self.readout = torch.nn.Linear(hidden, sum(self.readout_sizes))
 
     def parameters(self):
         return list(self.query.parameters()) + list(self.readout.parameters())
@@ -348,12 +358,12 @@ class Probes:
     def loss(self, before, after, sites):
         import torch
 
-        b_idx = torch.tensor([s[0] for s in sites])
-        pos = torch.tensor([s[1] for s in sites])
-        query = torch.tensor([s[3] for s in sites])
-        readout = torch.tensor([s[4] for s in sites])
+        b_idx = torch.tensor([s.b for s in sites])
+        pos = torch.tensor([s.pos for s in sites])
+        query = torch.tensor([s.query for s in sites])
+        readout = torch.tensor([s.readout for s in sites])
         return (self._slots(self.query(before[b_idx, pos]), query, self.query_sizes)
-                + self._slots(self.readout(after[b_idx, pos]), readout, READOUT_SIZES))
+                + self._slots(self.readout(after[b_idx, pos]), readout, self.readout_sizes))
 
 
 class PatchHeads:
@@ -547,7 +557,7 @@ def main(argv=None) -> int:
                 answer_loss = (per_token * w).sum() / w.sum()
             look = probe = torch.zeros(())
             if args.look_weight > 0:
-                looks = [site for site in sites if site[2].any()]
+                looks = [site for site in sites if site.roles.any()]
                 scores = answer_attention_logits(layers[args.look_layer].self_attn, captured["look_in"],
                                                  captured["rope"], looks,
                                                  mask=mask if args.layout == "segments" else None)
