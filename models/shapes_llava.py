@@ -18,6 +18,9 @@ PACKAGED_DIR = Path(__file__).parent / "data" / "shapes-llava"
 GEOMETRY = dict(
     image_size=64, patch_size=4, vision_hidden=96, vision_layers=3, vision_heads=4, vision_intermediate=256,
     text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=352,
+    # a large RoPE base leaves more slowly rotating dimensions for content lookups across the
+    # 256 visual tokens (10000 plateaued near 72%; see BENCHMARKS.md "shapes-llava training")
+    rope_theta=1_000_000.0,
 )
 
 
@@ -56,12 +59,14 @@ SHAPES_CHAT_TEMPLATE = (
 )
 
 
-def write_untrained(target: str | Path, seed: int = 0) -> Path:
+def write_untrained(target: str | Path, seed: int = 0, geometry: dict | None = None) -> Path:
+    """The initial (random) model directory: config, weights, tokenizer, processor, chat template.
+    ``geometry`` overrides entries of ``GEOMETRY``."""
     import torch
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-    g = GEOMETRY
+    g = {**GEOMETRY, **(geometry or {})}
     tok = build_word_tokenizer()
     vision = CLIPVisionConfig(hidden_size=g["vision_hidden"], intermediate_size=g["vision_intermediate"],
                               num_hidden_layers=g["vision_layers"], num_attention_heads=g["vision_heads"],
@@ -69,7 +74,7 @@ def write_untrained(target: str | Path, seed: int = 0) -> Path:
     text = LlamaConfig(hidden_size=g["text_hidden"], intermediate_size=g["text_intermediate"],
                        num_hidden_layers=g["text_layers"], num_attention_heads=g["text_heads"],
                        num_key_value_heads=g["text_kv_heads"], vocab_size=tok.get_vocab_size(),
-                       max_position_embeddings=512, bos_token_id=tok.token_to_id("<s>"),
+                       max_position_embeddings=512, rope_theta=float(g["rope_theta"]), bos_token_id=tok.token_to_id("<s>"),
                        eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"),
                        tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.token_to_id("<image>"))

@@ -409,11 +409,12 @@ class PatchHeads:
         return loss
 
 
-def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id: int, batch: int = 64) -> float:
-    """Exact match of the greedy first answer token (answers are one word)."""
+def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id: int, batch: int = 64):
+    """Exact match of the greedy first answer token (answers are one word): overall, and per kind."""
     import torch
 
     correct = 0
+    per_kind: dict[str, list[int]] = {}
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch):
@@ -423,29 +424,31 @@ def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id:
             for i, ex in enumerate(chunk):
                 first = int((target[i] != IGNORE).nonzero()[0])  # position of the answer token
                 guess = int(logits[i, first - 1].argmax())
-                correct += int(builder.tokenizer.id_to_token(guess) == ex.answer)
+                right = int(builder.tokenizer.id_to_token(guess) == ex.answer)
+                correct += right
+                per_kind.setdefault(ex.kind, []).append(right)
     model.train()
-    return correct / len(examples)
+    return correct / len(examples), {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mllm_deploy.models.shapes_train", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=24, help="scenes per step (about 6 questions each)")
+    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--batch", type=int, default=16, help="scenes per step (about 6 questions each, more with --drill)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--vision-steps", type=int, default=300,
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--vision-steps", type=int, default=2000,
                    help="first steps train only the vision tower and projector on the per-patch targets")
     p.add_argument("--qa-weight", type=float, default=1.0,
                    help="weight of a question's answer token against a caption word in the loss")
     p.add_argument("--drill", type=int, default=2,
                    help="extra rounds of questions (one of every kind) per image in a training row")
-    p.add_argument("--look-weight", type=float, default=0.0,
+    p.add_argument("--look-weight", type=float, default=1.0,
                    help="auxiliary loss: the answer position attends to the objects the question names")
     p.add_argument("--look-layer", type=int, default=2, help="text layer whose heads 0 and 1 carry it")
-    p.add_argument("--probe-weight", type=float, default=0.0,
+    p.add_argument("--probe-weight", type=float, default=1.0,
                    help="auxiliary probes at each answer position: the question's content before the look "
                         "layer, the named objects' attributes after it")
     p.add_argument("--cell-weight", type=float, default=0.0,
@@ -454,6 +457,8 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=("segments", "conversation"), default="conversation",
                    help="segments: every question sees only the image and itself, as at inference; "
                         "conversation: one multi-turn conversation per image")
+    p.add_argument("--text-layers", type=int, default=None, help="decoder layers (default: shapes_llava.GEOMETRY)")
+    p.add_argument("--rope-theta", type=float, default=None, help="RoPE base (default: shapes_llava.GEOMETRY)")
     p.add_argument("--eval-size", type=int, default=384)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None, help="model directory to write (default: the packaged shapes-llava)")
@@ -466,7 +471,7 @@ def main(argv=None) -> int:
     from transformers import LlavaForConditionalGeneration
 
     from mllm_deploy.datasets import shapes_vqa
-    from mllm_deploy.models.shapes_llava import PACKAGED_DIR, write_untrained
+    from mllm_deploy.models.shapes_llava import GEOMETRY, PACKAGED_DIR, write_untrained
     from mllm_deploy.runtime.preprocess import ImagePreprocessConfig, preprocess
 
     torch.set_num_threads(args.threads)
@@ -474,8 +479,9 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     init_dir = work / "init"
     state_path = work / "state.pt"
+    geometry = {k: v for k, v in (("text_layers", args.text_layers), ("rope_theta", args.rope_theta)) if v is not None}
     if not (init_dir / "config.json").is_file():
-        write_untrained(init_dir, seed=args.seed)
+        write_untrained(init_dir, seed=args.seed, geometry=geometry)
     model = LlavaForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32).train()
     builder = prompt_builder(init_dir)
     image_config = ImagePreprocessConfig.from_model_dir(init_dir)
@@ -583,10 +589,10 @@ def main(argv=None) -> int:
                   f" {time.perf_counter() - started:.0f}s",
                   file=sys.stderr, flush=True)
         if step > args.vision_steps and (step % args.eval_every == 0 or step == args.steps):
-            acc = answer_accuracy(model, val, builder, image_config, eos_id, pad_id)
-            history.append({"step": step, "loss": round(running, 5), "val_accuracy": acc,
+            acc, per_kind = answer_accuracy(model, val, builder, image_config, eos_id, pad_id)
+            history.append({"step": step, "loss": round(running, 5), "val_accuracy": acc, "per_kind": per_kind,
                             "seconds": round(time.perf_counter() - started, 1)})
-            print(f"eval step {step}: validation accuracy {acc:.3f}", file=sys.stderr, flush=True)
+            print(f"eval step {step}: validation accuracy {acc:.3f} {per_kind}", file=sys.stderr, flush=True)
             torch.save({"model": model.state_dict(), "patch_heads": heads.head.state_dict(),
                         "probes": probes.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step,
@@ -595,11 +601,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else PACKAGED_DIR
     model.eval()
-    write_untrained(out, seed=args.seed)  # tokenizer, processor, template, config
+    write_untrained(out, seed=args.seed, geometry=geometry)  # tokenizer, processor, template, config
     model.save_pretrained(out)
     log = {"model": "shapes-llava", "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "warmup": args.warmup, "vision_steps": args.vision_steps, "qa_weight": args.qa_weight, "drill": args.drill, "layout": args.layout,
-           "look_weight": args.look_weight, "look_layer": args.look_layer,
+           "geometry": {**GEOMETRY, **geometry}, "look_weight": args.look_weight, "look_layer": args.look_layer,
            "probe_weight": args.probe_weight, "cell_weight": args.cell_weight, "patch_loss_weight": args.patch_loss_weight, "train_scenes_seen": args.steps * args.batch,
            "final_validation_accuracy": history[-1]["val_accuracy"] if history else None,
            "validation_examples": args.eval_size, "wall_seconds": round(time.perf_counter() - started, 1),
