@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(f"| {Path(r.bundle).name} | {r.method} | {r.accuracy:.1%} ({r.ci_low:.1%}-{r.ci_high:.1%}) |"
               f" {r.agreement:.1%} | {r.mean_kl:.4f} | {r.flops_reduction:.1%} | {r.prefill_ms_median:.1f} |")
+    for r in results:
+        if r.per_kind:
+            print(f"{Path(r.bundle).name} per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in r.per_kind.items()))
     if args.json_out:
         out = Path(args.json_out)
         payload = {"schema": "mllm-deploy/eval@1", "dataset": args.dataset, "questions": len(items),

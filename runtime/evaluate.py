@@ -26,6 +26,7 @@ class EvalItem:
     question: str
     answer: str
     source: str
+    kind: str | None = None  # question kind (shapes-vqa), for the per-kind breakdown
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BundleResult:
     flops_reduction: float
     prefill_ms_median: float
     reference: str
+    per_kind: dict[str, float] = field(default_factory=dict)  # accuracy per question kind, where items have one
     answers: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -67,7 +69,8 @@ def load_eval_data(spec: str) -> list[EvalItem]:
                                 " nor a count")
         if count < 1:
             raise MllmError(f"--dataset {spec}: the count must be at least 1")
-        return [EvalItem(e.image, e.question, e.answer, f"{split}:{e.index}") for e in shapes_vqa.examples(split, count)]
+        return [EvalItem(e.image, e.question, e.answer, f"{split}:{e.index}", e.kind)
+                for e in shapes_vqa.examples(split, count)]
     path = Path(spec)
     if not path.is_file():
         raise MllmError(f"evaluation data not found: {spec} (use shapes-vqa[:split][:N] or a JSONL file)")
@@ -160,7 +163,12 @@ def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
     results = []
     for i, bundle in enumerate(loaded):
         answers, logprobs, prefill_ms, mean_len, mean_start = runs[i]
-        correct = sum(normalise(a) == normalise(item.answer) for a, item in zip(answers, items))
+        right = [normalise(a) == normalise(item.answer) for a, item in zip(answers, items)]
+        correct = sum(right)
+        by_kind: dict[str, list[bool]] = {}
+        for ok, item in zip(right, items):
+            if item.kind is not None:
+                by_kind.setdefault(item.kind, []).append(ok)
         low, high = wilson_interval(correct, len(items))
         agree = sum(normalise(a) == normalise(r) for a, r in zip(answers, ref_answers)) / len(items)
         kl = float(np.mean([np.sum(np.exp(p) * (p - q)) for p, q in zip(logprobs, ref_logprobs)]))
@@ -168,6 +176,7 @@ def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
             bundle=str(bundles[i]), method=methods[i], visual_tokens=bundle.visual_tokens_per_layer, n=len(items),
             accuracy=correct / len(items), ci_low=low, ci_high=high, agreement=agree, mean_kl=max(kl, 0.0),
             flops_reduction=_flops_reduction(bundle.manifest, mean_len, mean_start),
-            prefill_ms_median=statistics.median(prefill_ms), reference=str(bundles[ref_index]), answers=answers,
+            prefill_ms_median=statistics.median(prefill_ms), reference=str(bundles[ref_index]),
+            per_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, answers=answers,
         ))
     return results

@@ -52,6 +52,11 @@ def test_eval_cli_reports_against_the_dense_bundle(tiny_bundles, pruned_bundles,
     assert by_method["fastv"]["reference"].endswith("gqa56") and by_method["fastv"]["mean_kl"] >= 0
     assert result["questions"] == 12 and len(result["answers"]) == 2
     assert "| fastv |" in proc.stdout.replace(f"| {fastv.name} ", "| ")
+    # per-kind breakdown: 12 questions cycle through the six kinds twice; it averages back to the accuracy
+    for r in result["results"]:
+        assert set(r["per_kind"]) == {"colour_at", "count", "left_of", "above", "exists", "shape_of_colour"}
+        assert sum(r["per_kind"].values()) / 6 == pytest.approx(r["accuracy"])
+    assert f"{dense.name} per kind: above" in proc.stdout
 
 
 def test_eval_cli_bad_input(tiny_bundles, tmp_path):
