@@ -1,7 +1,9 @@
-"""demo-mllm: export the built-in tiny-llava, ask it one question about a generated image.
+"""demo-mllm: a dense and a FitPrune-pruned shapes-llava, side by side, on a shapes-vqa question.
 
-The tiny model has random weights, so its answer is not meaningful; the demo shows the
-whole path (export with verification, torch-free runtime, timings) working end to end.
+Calibrates FitPrune at a FLOPs budget on a few validation questions, exports a dense and a
+pruned bundle (each verified against PyTorch), asks both the same question about a generated
+test scene, evaluates both on test questions through the torch-free runtime and prints a
+table: answer, prefill time, prefill FLOPs, accuracy.
 """
 
 from __future__ import annotations
@@ -14,45 +16,81 @@ from mllm_deploy.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo-mllm", description=__doc__)
-    p.add_argument("--model", default="tiny-llava", help="model to export (default tiny-llava)")
-    p.add_argument("--prompt", default="What is in the image?")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--workdir", default=None, help="where the bundle is written (default: the cache directory)")
+    p = argparse.ArgumentParser(prog="demo-mllm", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="shapes-llava", help="model to export (default shapes-llava)")
+    p.add_argument("--budget", type=float, default=0.5, help="FitPrune FLOPs budget (default 0.5)")
+    p.add_argument("--calib", type=int, default=8, help="validation questions to calibrate on (default 8)")
+    p.add_argument("--questions", type=int, default=100, help="test questions for the accuracy column (default 100)")
+    p.add_argument("--scene", type=int, default=0, help="index of the test scene asked about (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--workdir", default=None, help="where recipe and bundles are written (default: the cache directory)")
     return p
 
 
-def demo_image(path: Path) -> Path:
-    from PIL import Image, ImageDraw
+def _check(args: argparse.Namespace) -> None:
+    from mllm_deploy.core.errors import MllmError
 
-    image = Image.new("RGB", (96, 80), (235, 235, 220))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([8, 10, 40, 42], fill=(200, 30, 30))
-    draw.ellipse([52, 30, 88, 66], fill=(30, 60, 200))
-    image.save(path)
-    return path
+    if not 0.0 < args.budget < 1.0:
+        raise MllmError(f"--budget {args.budget}: must be between 0 and 1")
+    for flag in ("calib", "questions", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise MllmError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.scene < 0:
+        raise MllmError(f"--scene {args.scene}: must be 0 or more")
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.datasets import shapes_vqa
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
-    from mllm_deploy.models.registry import cache_dir
+    from mllm_deploy.models.registry import cache_dir, load_spec
+    from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
     from mllm_deploy.runtime.pipeline import Pipeline
 
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    load_spec(args.model)  # an unknown or unsupported model fails here, before anything is written
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "demo"
+    name = Path(args.model).name
+    recipe = calibrate(args.model, CalibOptions(method="fitprune", budget=args.budget,
+                                                data=f"builtin:shapes-vqa:validation:{args.calib}"), log=log)
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle = workdir / f"{Path(args.model).name}-bundle"
-    export_bundle(args.model, bundle, ExportOptions(force=True), log=lambda m: print(m, file=sys.stderr))
-    image = demo_image(workdir / "demo.png")
-    with Pipeline.load(bundle) as pipe:
-        answer = pipe.ask(image, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-    t = answer.generation.timings
-    per_token = sum(t.decode_ms) / len(t.decode_ms) if t.decode_ms else 0.0
-    print(f"bundle:   {bundle}")
+    recipe_path = workdir / f"{name}-fitprune.json"
+    save_recipe(recipe, recipe_path)
+    dense = export_bundle(args.model, workdir / f"{name}-dense", ExportOptions(force=True), log=log)
+    pruned = export_bundle(args.model, workdir / f"{name}-fitprune", ExportOptions(recipe=str(recipe_path), force=True),
+                           log=log)
+
+    example = shapes_vqa.example("test", args.scene)
+    image = workdir / f"test-scene-{args.scene}.png"
+    example.image.save(image)
+    answers = {}
+    for bundle in (dense, pruned):
+        with Pipeline.load(bundle) as pipe:
+            answers[bundle] = pipe.ask(image, prompt=example.question, max_new_tokens=args.max_new_tokens)
+    results = evaluate([str(dense), str(pruned)], load_eval_data(f"shapes-vqa:test:{args.questions}"),
+                       max_new_tokens=args.max_new_tokens)
+
     print(f"image:    {image}")
-    print(f"question: {args.prompt}")
-    print(f"answer:   {answer.text!r}  ({len(answer.generation.tokens)} tokens, random weights)")
-    print(f"timings:  vision {t.vision_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms "
-          f"({answer.generation.prompt_tokens} prompt tokens) | decode {per_token:.2f} ms/token | total {t.total_ms:.1f} ms")
+    print(f"question: {example.question}   (expected: {example.answer})")
+    print()
+    # prefill time is the median over the evaluated questions: one cold call says little
+    print(f"| bundle | answer | prefill ms (median of {args.questions}) | prefill FLOPs |"
+          f" accuracy on {args.questions} test questions |")
+    print("|---|---|---|---|---|")
+    for bundle, result in zip((dense, pruned), results):
+        label = "dense" if bundle == dense else f"fitprune {args.budget}"
+        flops = "100%" if bundle == dense else f"{1 - result.flops_reduction:.0%} (-{result.flops_reduction:.1%})"
+        print(f"| {label} | {answers[bundle].text.strip()!r} | {result.prefill_ms_median:.1f} | {flops} |"
+              f" {result.accuracy:.1%} ({result.ci_low:.1%}-{result.ci_high:.1%}) |")
+    pruned_result = results[1]
+    print()
+    print(f"fitprune keeps {','.join(map(str, pruned_result.visual_tokens))} visual tokens per layer; "
+          f"agreement with dense {pruned_result.agreement:.1%}")
+    print(f"bundles:  {dense}  {pruned}")
     return 0
 
 

@@ -332,6 +332,13 @@ CASES: dict[str, Case] = {
                                        ("bench.json", "malformed"), "rep"),
     "report/dtype-bytes": Case("report-mllm", lambda c: [str(_bad_bench(c)), "-o", str(c.tmp / "rep"),
                                                          "--device-dtype-bytes", "3"], ("--device-dtype-bytes",), "rep"),
+    # ---- demo-mllm -----------------------------------------------------------------------------------------------
+    "demo/budget": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--budget", "1.5"],
+                        ("--budget 1.5", "between 0 and 1"), "demo"),
+    "demo/questions": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--questions", "0"],
+                           ("--questions 0", "at least 1"), "demo"),
+    "demo/missing-model": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--model", str(c.tmp / "nope")],
+                               ("nope", "neither a directory"), "demo"),
     # ---- check-trt-mllm -----------------------------------------------------------------------------------------
     "trt/version": Case("check-trt-mllm", lambda c: [str(c.bundle_src), "--trt", "7.0"], ("7.0", "known versions")),
     "trt/missing-bundle": Case("check-trt-mllm", lambda c: [str(c.tmp / "gone"), "--trt", "10.3"], ("gone", "not found")),
