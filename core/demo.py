@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.5, help="FitPrune FLOPs budget (default 0.5)")
     p.add_argument("--calib", type=int, default=8, help="validation questions to calibrate on (default 8)")
     p.add_argument("--questions", type=int, default=100, help="test questions for the accuracy column (default 100)")
-    p.add_argument("--scene", type=int, default=0, help="index of the test scene asked about (default 0)")
+    p.add_argument("--scene", type=int, default=0,
+                   help="which of the evaluated test questions to show (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--workdir", default=None, help="where recipe and bundles are written (default: the cache directory)")
     return p
@@ -35,19 +36,17 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("calib", "questions", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise MllmError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    if args.scene < 0:
-        raise MllmError(f"--scene {args.scene}: must be 0 or more")
+    if not 0 <= args.scene < args.questions:
+        raise MllmError(f"--scene {args.scene}: must be one of the evaluated test questions, 0 to {args.questions - 1}")
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
     from mllm_deploy.calib.recipe import save_recipe
-    from mllm_deploy.datasets import shapes_vqa
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import cache_dir, load_spec
     from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
-    from mllm_deploy.runtime.pipeline import Pipeline
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -64,15 +63,12 @@ def run(args: argparse.Namespace) -> int:
     pruned = export_bundle(args.model, workdir / f"{name}-fitprune", ExportOptions(recipe=str(recipe_path), force=True),
                            log=log)
 
-    example = shapes_vqa.example("test", args.scene)
+    # the scene asked about is one of the evaluated questions: its answers come from the same run
+    items = load_eval_data(f"shapes-vqa:test:{args.questions}")
+    example = items[args.scene]
     image = workdir / f"test-scene-{args.scene}.png"
     example.image.save(image)
-    answers = {}
-    for bundle in (dense, pruned):
-        with Pipeline.load(bundle) as pipe:
-            answers[bundle] = pipe.ask(image, prompt=example.question, max_new_tokens=args.max_new_tokens)
-    results = evaluate([str(dense), str(pruned)], load_eval_data(f"shapes-vqa:test:{args.questions}"),
-                       max_new_tokens=args.max_new_tokens)
+    results = evaluate([str(dense), str(pruned)], items, max_new_tokens=args.max_new_tokens)
 
     print(f"image:    {image}")
     print(f"question: {example.question}   (expected: {example.answer})")
@@ -84,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for bundle, result in zip((dense, pruned), results):
         label = "dense" if bundle == dense else f"fitprune {args.budget}"
         flops = "100%" if bundle == dense else f"{1 - result.flops_reduction:.0%} (-{result.flops_reduction:.1%})"
-        print(f"| {label} | {answers[bundle].text.strip()!r} | {result.prefill_ms_median:.1f} | {flops} |"
+        print(f"| {label} | {result.answers[args.scene].strip()!r} | {result.prefill_ms_median:.1f} | {flops} |"
               f" {result.accuracy:.1%} ({result.ci_low:.1%}-{result.ci_high:.1%}) |")
     pruned_result = results[1]
     print()

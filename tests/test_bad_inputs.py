@@ -337,6 +337,8 @@ CASES: dict[str, Case] = {
                         ("--budget 1.5", "between 0 and 1"), "demo"),
     "demo/questions": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--questions", "0"],
                            ("--questions 0", "at least 1"), "demo"),
+    "demo/scene-not-evaluated": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--questions", "10",
+                                                            "--scene", "10"], ("--scene 10", "0 to 9"), "demo"),
     "demo/missing-model": Case("demo-mllm", lambda c: ["--workdir", str(c.tmp / "demo"), "--model", str(c.tmp / "nope")],
                                ("nope", "neither a directory"), "demo"),
     # ---- check-trt-mllm -----------------------------------------------------------------------------------------
