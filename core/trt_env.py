@@ -76,3 +76,30 @@ def tensorrt_major(version: str) -> int:
         return int(str(version).split(".")[0])
     except ValueError:
         raise MllmError(f"cannot read the TensorRT version {version!r}") from None
+
+
+# TensorRT keeps one plugin registry per process, and registering creators that are already there fails
+# (IPluginRegistry::loadLibrary returns null). build-mllm --verify builds, then runs the engines in the same
+# process, and the runtime copy of the library lives in engines/: load each library content once.
+_LOADED_PLUGINS: dict[int, tuple[Any, dict[str, tuple[str, Any]]]] = {}
+
+
+def load_plugin_library(trt, registry, path) -> Any:
+    """Load the routing plugin library at ``path`` into TensorRT's registry once per process (by content)."""
+    from mllm_deploy.core.hashing import sha256_file
+
+    path = str(path)
+    digest = sha256_file(path)
+    _, loaded = _LOADED_PLUGINS.setdefault(id(trt), (trt, {}))
+    if digest in loaded:
+        return loaded[digest][1]
+    if loaded:
+        other = next(iter(loaded.values()))[0]
+        raise MllmError(f"another routing plugin library ({other}) is already loaded in this process and TensorRT "
+                        f"cannot register the same plugins twice; run {path}'s engines in a new process")
+    handle = registry.load_library(path)
+    if handle is None:
+        raise MllmError(f"TensorRT could not load the plugin library {path} (see the TensorRT log above; a library "
+                        "built for another TensorRT major version or CUDA architecture is refused)")
+    loaded[digest] = (path, handle)
+    return handle

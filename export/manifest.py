@@ -29,12 +29,16 @@ def _value_infos(values) -> list[dict]:
 
 
 def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
+    from mllm_deploy.export.trt_shape_inputs import shape_tensor_inputs
+
     custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
     return {
         "file": file_name,
         "custom_ops": custom,
         "inputs": _value_infos(model.graph.input),
         "outputs": _value_infos(model.graph.output),
+        # inputs TensorRT reads as shape tensors: profile values at build time, host memory at run time
+        "shape_inputs": shape_tensor_inputs(model),
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
     }
 

@@ -26,9 +26,10 @@ from mllm_deploy.core.engines import (GRAPHS, INDEX_FILE, EngineKey, engine_file
 from mllm_deploy.core.errors import BundleError, InputFileError, MllmError
 from mllm_deploy.core.fsutil import atomic_directory, atomic_write_text
 from mllm_deploy.core.hashing import sha256_file
-from mllm_deploy.export.trt_profiles import DEFAULT_PRESET, PRESETS, all_profiles, profile_settings
+from mllm_deploy.export.trt_profiles import DEFAULT_PRESET, PRESETS, all_profiles, all_shape_values, profile_settings
 
 PLUGIN_FILE = "libmllm_deploy_trt_plugins.so"  # the copy kept beside the engines
+TIMING_CACHE_FILE = "timing.cache"  # TensorRT's tactic timings, kept across rebuilds (seconds instead of minutes)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class BuildOptions:
     max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
     force: bool = False
+    opt_image_start: int = 0  # the image position of a typical prompt (build_cli measures the chat template's)
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,11 @@ def check_plugins(manifest: Mapping[str, Any], plugins: Path | None) -> Path | N
 
 
 def build_settings(preset_name: str, options: BuildOptions, precision: Precision,
-                   profiles: Mapping[str, Any], graph: str) -> dict[str, Any]:
+                   profiles: Mapping[str, Any], shape_values: Mapping[str, Any], graph: str) -> dict[str, Any]:
     preset = PRESETS[preset_name]
     return {"preset": preset.name, "workspace_mb": options.workspace_mb or preset.workspace_mb, **precision.to_dict(),
-            "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[graph].items()}}
+            "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[graph].items()},
+            "shape_values": {name: [list(v) for v in values] for name, values in shape_values[graph].items()}}
 
 
 def planned_keys(manifest: Mapping[str, Any], options: BuildOptions, *, tensorrt: str, gpu: str,
@@ -111,12 +114,13 @@ def planned_keys(manifest: Mapping[str, Any], options: BuildOptions, *, tensorrt
 
     precision = precision_plan(str(manifest["dtype"]), tensorrt_major(tensorrt), options.fp16)
     settings = profile_settings(manifest, PRESETS[options.preset], max_prompt_tokens=options.max_prompt_tokens,
-                                max_new_tokens=options.max_new_tokens)
+                                max_new_tokens=options.max_new_tokens, opt_image_start=options.opt_image_start)
     profiles = all_profiles(manifest, settings)
+    shape_values = all_shape_values(manifest, settings)
     needed = plugin_graphs(manifest)
     keys = [engine_key(manifest, graph, tensorrt=tensorrt, gpu=gpu, compute_capability=compute_capability,
                        plugins_sha256=plugins_sha256 if graph in needed else None,
-                       settings=build_settings(options.preset, options, precision, profiles, graph))
+                       settings=build_settings(options.preset, options, precision, profiles, shape_values, graph))
             for graph in GRAPHS]
     return keys, {"profile_settings": settings.to_dict(), "precision": precision.to_dict()}
 
@@ -155,11 +159,40 @@ def make_logger(trt, log: Callable[[str], None], verbose: bool = False):
     return Logger()
 
 
+def make_progress_monitor(trt, log: Callable[[str], None], graph: str):
+    """A trt.IProgressMonitor that reports the builder's top-level phases (None where TensorRT has none)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class Monitor(base):
+        def __init__(self):
+            base.__init__(self)
+            self.depth: dict[str, int] = {}
+            self.start = time.perf_counter()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.depth[phase_name] = self.depth.get(parent_phase, -1) + 1 if parent_phase else 0
+            if self.depth[phase_name] == 0:
+                log(f"  {graph}: {phase_name} ({num_steps} steps, {time.perf_counter() - self.start:.0f} s)")
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            self.depth.pop(phase_name, None)
+
+    return Monitor()
+
+
 def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], key: EngineKey,
-               plugins: Path | None) -> bytes:
+               plugins: Path | None, timing_cache: bytes, log: Callable[[str], None]) -> tuple[bytes, bytes]:
+    """(serialized engine, serialized timing cache) of one graph."""
+    from mllm_deploy.core.trt_env import load_plugin_library
+
     builder = trt.Builder(logger)
     if plugins is not None:
-        builder.get_plugin_registry().load_library(str(plugins))
+        load_plugin_library(trt, builder.get_plugin_registry(), plugins)
     settings = key.settings
     flags = 0
     if settings["strongly_typed"]:
@@ -174,22 +207,34 @@ def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], 
     tensors += [(network.get_output(i).name, False, network.get_output(i).dtype.name)
                 for i in range(network.num_outputs)]
     map_tensors(io, tensors, graph)  # the parsed network must be the manifest's graph
+    parsed_shape_inputs = {network.get_input(i).name for i in range(network.num_inputs)
+                           if network.get_input(i).is_shape_tensor}
+    if parsed_shape_inputs != set(settings["shape_values"]):
+        raise BundleError(f"TensorRT reads {sorted(parsed_shape_inputs) or 'no input'} of the {graph} graph as shape "
+                          f"tensors, the manifest says {sorted(settings['shape_values']) or 'none'}; re-export the bundle")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_mb"]) << 20)
     if settings["fp16_flag"]:
         config.set_flag(trt.BuilderFlag.FP16)
     if settings["precision"] == "float32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # match ONNX Runtime's float32 within 1e-4
-    if settings["profile"]:
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, False)
+    monitor = make_progress_monitor(trt, log, graph)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    if settings["profile"] or settings["shape_values"]:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in settings["profile"].items():
             profile.set_shape(name, low, opt, high)
+        for name, (low, opt, high) in settings["shape_values"].items():
+            profile.set_shape_input(name, low, opt, high)  # shape tensors need values, not only dimensions
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = logger.errors[-1] if logger.errors else "see the TensorRT log above"
         raise MllmError(f"TensorRT could not build the {graph} engine: {detail}")
-    return bytes(serialized)
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
 
 
 def build_engines(bundle_dir: str | Path, manifest: Mapping[str, Any], options: BuildOptions,
@@ -211,17 +256,23 @@ def build_engines(bundle_dir: str | Path, manifest: Mapping[str, Any], options: 
         return BuildResult(target, keys, rebuilt=False, plugins=kept if kept.is_file() else None)
     logger = make_logger(trt, log, verbose)
     seconds: dict[str, float] = {}
+    cache_path = target / TIMING_CACHE_FILE
+    timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
+    if timing_cache:
+        log(f"reusing the TensorRT timing cache {cache_path} ({len(timing_cache) / 2**10:.0f} KiB)")
     with atomic_directory(target) as scratch:
-        for key in keys:
-            log(f"building {key.graph} ({key.settings['precision']}, TensorRT {trt.__version__}, {gpu})")
+        for number, key in enumerate(keys, 1):
+            log(f"building {key.graph} [{number}/{len(keys)}] ({key.settings['precision']}, TensorRT {trt.__version__},"
+                f" {gpu})")
             start = time.perf_counter()
             entry = manifest["graphs"][key.graph]
-            plan = _build_one(trt, logger, key.graph, bundle_dir / entry["file"],
-                              {"inputs": entry["inputs"], "outputs": entry["outputs"]}, key,
-                              plugins if key.plugins_sha256 else None)
+            plan, timing_cache = _build_one(trt, logger, key.graph, bundle_dir / entry["file"],
+                                            {"inputs": entry["inputs"], "outputs": entry["outputs"]}, key,
+                                            plugins if key.plugins_sha256 else None, timing_cache, log)
             (scratch / engine_file(key.graph)).write_bytes(plan)
             seconds[key.graph] = time.perf_counter() - start
             log(f"  {engine_file(key.graph)}: {len(plan) / 2**20:.1f} MiB in {seconds[key.graph]:.1f} s")
+        (scratch / TIMING_CACHE_FILE).write_bytes(timing_cache)
         if plugins is not None:
             shutil.copyfile(plugins, scratch / PLUGIN_FILE)  # engines and their plugins travel together
         index = make_index(keys, {**extra, "tensorrt": trt.__version__, "gpu": gpu, "compute_capability": capability,

@@ -309,24 +309,50 @@ def _bundle_graphs(bundle_dir: Path) -> dict[str, Path]:
     return graphs
 
 
-def inspect_bundle(bundle_dir: str | Path, trt_version: str) -> tuple[dict[str, list[Finding]], list[str]]:
-    """Per graph findings and the plugin op types recognised across the bundle."""
+@dataclass
+class BundleReport:
+    findings: dict[str, list[Finding]]  # graph -> what the parser would refuse
+    plugins: list[str]  # routing plugin op types recognised across the bundle
+    shape_inputs: dict[str, list[str]]  # graph -> inputs TensorRT reads as shape tensors (informational)
+
+
+def _shape_input_findings(graph: str, model: onnx.ModelProto) -> tuple[list[str], list[Finding]]:
+    """The graph's shape-tensor inputs, and a finding for each that build-mllm could not give a value range."""
+    from mllm_deploy.export.trt_profiles import SHAPE_INPUT_VALUES
+    from mllm_deploy.export.trt_shape_inputs import shape_slot_path, shape_tensor_inputs
+
+    names = shape_tensor_inputs(model)
+    findings = []
+    for name in names:
+        if name not in SHAPE_INPUT_VALUES:
+            node, op, slot = shape_slot_path(model.graph, name)
+            findings.append(Finding(graph, name, "input", f"a shape tensor (its values reach {op} input {slot} at "
+                                    f"{node}) with no value range build-mllm can derive for its profile"))
+    return names, findings
+
+
+def inspect_bundle(bundle_dir: str | Path, trt_version: str) -> BundleReport:
+    """Per graph findings, the plugin op types recognised across the bundle, and the shape-tensor inputs."""
     from mllm_deploy.plugins.ops import OP_NAMES  # the op types our plugin library implements
 
     load_support(trt_version)  # an unknown version fails before any graph is read
-    findings: dict[str, list[Finding]] = {}
+    report = BundleReport({}, [], {})
     plugins: set[str] = set()
-    for name, path in _bundle_graphs(Path(bundle_dir)).items():
+    graphs = _bundle_graphs(Path(bundle_dir))
+    for name, path in graphs.items():
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # noqa: BLE001 - a corrupt graph file is the user's to fix
             raise BundleError(f"cannot read {path.name} as ONNX ({exc}); re-export the bundle") from None
         found, used = analyse(model, trt_version, set(OP_NAMES), graph_name=name)
-        findings[name] = found
+        shape_inputs, unsized = _shape_input_findings(name, model)
+        report.findings[name] = found + unsized
+        report.shape_inputs[name] = shape_inputs
         plugins |= used
-    return findings, sorted(plugins)
+    report.plugins = sorted(plugins)
+    return report
 
 
 def check_bundle(bundle_dir: str | Path, trt_version: str) -> dict[str, list[Finding]]:
     """check_graph over every graph file the bundle manifest lists (weights are never loaded)."""
-    return inspect_bundle(bundle_dir, trt_version)[0]
+    return inspect_bundle(bundle_dir, trt_version).findings

@@ -30,16 +30,22 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.export.trt_check import inspect_bundle, load_support
 
     support = load_support(args.trt)
-    by_graph, plugins = inspect_bundle(args.bundle, args.trt)
+    report = inspect_bundle(args.bundle, args.trt)
+    by_graph, plugins = report.findings, report.plugins
     findings = [f for graph in by_graph.values() for f in graph]
+    shape_inputs = {graph: names for graph, names in report.shape_inputs.items() if names}
     if args.json:
         print(json.dumps({"tensorrt": args.trt, "ok": not findings, "findings": [asdict(f) for f in findings],
-                          "plugins": plugins, "caveat": support.get("caveat")}, indent=1))
+                          "plugins": plugins, "shape_inputs": shape_inputs, "caveat": support.get("caveat")},
+                         indent=1))
         return 1 if findings else 0
     if support.get("caveat"):
         # The table for this version is reconstructed from the nearest one found; say so once.
         print(f"{PROG}: note: the TensorRT {args.trt} operator table is approximate "
               "(see export/trt_support/README.md)", file=sys.stderr)
+    for graph, names in shape_inputs.items():
+        print(f"{PROG}: note: {graph} input{'s' if len(names) > 1 else ''} {', '.join(names)}: TensorRT shape tensor "
+              "(build-mllm gives it profile values; bound in host memory)", file=sys.stderr)
     for finding in findings:
         print(finding.line())
     graphs = ", ".join(by_graph)

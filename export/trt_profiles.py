@@ -6,13 +6,17 @@ and the decode engine's profile has input length 1 and spans each layer's KV cap
 (``past_len_{l}``). A layer's KV holds the tokens it processed: ``kv_len[l] = prompt - visual
 tokens + recipe.visual_tokens[l]``, plus the decode headroom the runtime allocates (the new
 tokens), so pruned layers get shorter ranges. The vision graph is static.
+
+Inputs that TensorRT reads as shape tensors (the manifest's ``graphs.<g>.shape_inputs``, found by
+export/trt_shape_inputs.py) need min/opt/max *values* as well: ``image_start`` spans 0 (image
+first) to the longest prompt minus the visual tokens (everything else before the image).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mllm_deploy.core.errors import BundleError, MllmError
 
@@ -49,13 +53,14 @@ class ProfileSettings:
     max_prompt_tokens: int
     opt_new_tokens: int
     max_new_tokens: int
+    opt_image_start: int = 0  # where the bundle's chat template puts the image (build-mllm measures it)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
 def profile_settings(manifest: Mapping[str, Any], preset: Preset, *, max_prompt_tokens: int | None = None,
-                     max_new_tokens: int | None = None) -> ProfileSettings:
+                     max_new_tokens: int | None = None, opt_image_start: int = 0) -> ProfileSettings:
     """The prompt and decode ranges for this bundle on this preset, clamped to the model's context."""
     visual = int(manifest["model"]["visual_tokens"])
     context = int(manifest["model"]["text"]["max_position_embeddings"])
@@ -69,7 +74,8 @@ def profile_settings(manifest: Mapping[str, Any], preset: Preset, *, max_prompt_
         raise MllmError(f"no room for a prompt: the model's context is {context} positions, the image takes {visual} "
                         f"and --max-new-tokens asks {new_max}; lower --max-new-tokens or --max-prompt-tokens")
     prompt_opt = min(max(visual + preset.opt_text_tokens, smallest), prompt_max)
-    return ProfileSettings(smallest, prompt_opt, prompt_max, min(preset.opt_new_tokens, new_max), new_max)
+    return ProfileSettings(smallest, prompt_opt, prompt_max, min(preset.opt_new_tokens, new_max), new_max,
+                           min(max(int(opt_image_start), 0), prompt_max - visual))
 
 
 def kv_length(manifest: Mapping[str, Any], layer: int, prompt_tokens: int) -> int:
@@ -118,3 +124,49 @@ def graph_profile(manifest: Mapping[str, Any], graph: str,
 def all_profiles(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, dict]:
     """graph -> its single profile (possibly empty: all shapes static)."""
     return {graph: graph_profile(manifest, graph, settings) for graph in manifest["graphs"]}
+
+
+Values = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _image_start_values(manifest: Mapping[str, Any], settings: ProfileSettings) -> Values:
+    """From the image first to everything but the image before it, in the longest prompt."""
+    latest = settings.max_prompt_tokens - int(manifest["model"]["visual_tokens"])
+    return (0,), (min(settings.opt_image_start, latest),), (latest,)
+
+
+# shape-tensor input name -> its (min, opt, max) values on a profile
+SHAPE_INPUT_VALUES: dict[str, Callable[[Mapping[str, Any], ProfileSettings], Values]] = {
+    "image_start": _image_start_values,
+}
+
+
+def shape_inputs_of(manifest: Mapping[str, Any], graph: str) -> list[str]:
+    """The graph's shape-tensor inputs as the manifest records them; BundleError for a bundle that predates them."""
+    names = manifest["graphs"][graph].get("shape_inputs")
+    if names is None:
+        raise BundleError(f"the bundle's manifest does not say which {graph} inputs are TensorRT shape tensors "
+                          "(exported before mllm-deploy 0.2); re-export the bundle with this version")
+    return list(names)
+
+
+def unsized_shape_inputs(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(graph, input) of every shape-tensor input build-mllm can give no value range."""
+    return [(graph, name) for graph in manifest["graphs"] for name in shape_inputs_of(manifest, graph)
+            if name not in SHAPE_INPUT_VALUES]
+
+
+def graph_shape_values(manifest: Mapping[str, Any], graph: str, settings: ProfileSettings) -> dict[str, Values]:
+    """shape-tensor input -> (min, opt, max) values for the graph's profile."""
+    values = {}
+    for name in shape_inputs_of(manifest, graph):
+        rule = SHAPE_INPUT_VALUES.get(name)
+        if rule is None:
+            raise BundleError(f"{graph} input {name} is a TensorRT shape tensor (its values set a shape) and "
+                              f"build-mllm knows no value range for it; known: {', '.join(SHAPE_INPUT_VALUES)}")
+        values[name] = rule(manifest, settings)
+    return values
+
+
+def all_shape_values(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, dict[str, Values]]:
+    return {graph: graph_shape_values(manifest, graph, settings) for graph in manifest["graphs"]}

@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chat_image_start(bundle) -> int:
+    """Where the bundle's chat template puts the image in a one-question prompt: the profile's typical
+    value of the ``image_start`` shape tensor."""
+    from mllm_deploy.runtime.prompt import PromptBuilder
+
+    prompt = PromptBuilder.from_bundle(bundle)
+    ids = prompt.encode(prompt.render_chat("What is in the picture?"))
+    return int((ids[0] == prompt.image_token_id).argmax())
+
+
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.errors import MllmError
     from mllm_deploy.export.trt_build import BuildOptions, build_engines
@@ -51,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)  # every file checked against its sha256 before any work
     options = BuildOptions(preset=args.preset, plugins=Path(args.plugins) if args.plugins else None, fp16=args.fp16,
                            workspace_mb=args.workspace, max_prompt_tokens=args.max_prompt_tokens,
-                           max_new_tokens=args.max_new_tokens, force=args.force)
+                           max_new_tokens=args.max_new_tokens, force=args.force,
+                           opt_image_start=chat_image_start(bundle))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - progress on stderr, results on stdout
     result = build_engines(bundle.path, bundle.manifest, options, log=log, verbose=args.verbose)
     print(f"{PROG}: engines {'written to' if result.rebuilt else 'kept in'} {result.engines_dir}")

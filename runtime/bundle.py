@@ -34,6 +34,11 @@ class Bundle:
         entry = self.manifest["graphs"][graph]
         return {"inputs": entry["inputs"], "outputs": entry["outputs"]}
 
+    def shape_inputs(self, graph: str) -> list[str] | None:
+        """Inputs TensorRT reads as shape tensors (export/trt_shape_inputs.py); None for bundles that predate the field."""
+        found = self.manifest["graphs"][graph].get("shape_inputs")
+        return None if found is None else list(found)
+
     @property
     def num_layers(self) -> int:
         return int(self.manifest["model"]["text"]["num_layers"])
@@ -164,6 +169,9 @@ def _check_graphs(manifest: dict) -> None:
         if not isinstance(custom_ops, list) or not all(isinstance(op, str) for op in custom_ops):
             raise BundleError(f"manifest.json graphs.{graph}.custom_ops must be a list of op names")
         inputs = set(_check_io(graph, entry.get("inputs"), "inputs"))
+        shape_inputs = entry.get("shape_inputs", [])
+        if not isinstance(shape_inputs, list) or not all(isinstance(n, str) and n in inputs for n in shape_inputs):
+            raise BundleError(f"manifest.json graphs.{graph}.shape_inputs must list some of the graph's inputs")
         outputs = set(_check_io(graph, entry.get("outputs"), "outputs"))
         want_in, want_out = expected[graph]
         if inputs != want_in or not want_out <= outputs:

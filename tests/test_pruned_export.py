@@ -163,7 +163,7 @@ def test_pruned_bundles_pass_tensorrt_checks(config, method, routing, pruned_bun
         findings = check_bundle(bundle, version)
         assert all(not f for f in findings.values()), findings
     if routing == "plugin" and method != "vtw":
-        assert set(inspect_bundle(bundle, "11.4")[1]) >= {"TokenSelect", "VisualScore"}
+        assert set(inspect_bundle(bundle, "11.4").plugins) >= {"TokenSelect", "VisualScore"}
 
 
 def test_export_check_trt_flag(tiny_model_dirs, recipes, tmp_path):

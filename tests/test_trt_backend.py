@@ -1,16 +1,14 @@
-"""The TensorRT backend's own logic (runtime/backends/trt.py) without TensorRT: engine loading and
-staleness, profile choice, device buffers, output shapes, and the decode KV uploads that copy only
-the new slots, checked end to end against ONNX Runtime.
+"""build-mllm and the TensorRT backend (runtime/backends/trt.py) against a TensorRT stand-in that refuses
+what TensorRT refuses (tests/fake_tensorrt.py): profiles without values for a shape-tensor input, a shape
+tensor bound to device memory, unbound inputs, a plugin library registered twice.
 
-``FakeTensorRT`` / ``FakeCudart`` stand in for the ``tensorrt`` and ``cuda.bindings.runtime``
-calls the backend makes; "device memory" is host memory and an "engine" runs its ONNX graph with
-ONNX Runtime on the tensors found at the addresses the backend bound. What this cannot check is
-TensorRT itself (parsing, kernels, precision): that is build-mllm --verify's job on a target.
+Every kind of bundle is built with the real build_engines code and then run by the real TensorRT
+runner, whose answers must equal ONNX Runtime's. What this cannot check is TensorRT itself (parsing,
+kernels, precision): that is build-mllm --verify's job on a target.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 from types import SimpleNamespace
@@ -18,218 +16,230 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fake_tensorrt import FakeCudart, FakeTensorRT, integer_shape_inputs
 from mllm_deploy.core import trt_env
-from mllm_deploy.core.engines import INDEX_FILE, engine_file, make_index
 from mllm_deploy.core.errors import BundleError, MllmError
-from mllm_deploy.export.trt_build import BuildOptions, planned_keys
-from mllm_deploy.export.trt_profiles import PRESETS, graph_profile, profile_settings
+from mllm_deploy.export.trt_build import TIMING_CACHE_FILE, BuildOptions, build_engines
+from mllm_deploy.export.trt_profiles import PRESETS
 from mllm_deploy.runtime.bundle import load_bundle
 
-TRT_NAMES = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
-NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_}
 FAKE_GPU = ("Fake GPU", "8.7")
-
-
-class FakeCudart:
-    """cuda-python's (err, value) conventions over host memory; counts host-to-device bytes."""
-
-    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self):
-        self.blocks: dict[int, np.ndarray] = {}
-        self.to_device_bytes = 0
-
-    def cudaMalloc(self, nbytes):
-        block = np.zeros(int(nbytes), np.uint8)
-        self.blocks[block.ctypes.data] = block
-        return 0, block.ctypes.data
-
-    def cudaFree(self, ptr):
-        self.blocks.pop(int(ptr), None)
-        return (0,)
-
-    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
-        ctypes.memset(int(ptr), value, int(nbytes))
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        self.to_device_bytes += int(nbytes) if kind == 1 else 0
-        ctypes.memmove(int(dst), int(src), int(nbytes))
-        return (0,)
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        self.to_device_bytes += int(width) * int(height) if kind == 1 else 0
-        for row in range(int(height)):
-            ctypes.memmove(int(dst) + row * dpitch, int(src) + row * spitch, int(width))
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return 0, 7
-
-    def cudaStreamSynchronize(self, stream):
-        return (0,)
-
-    def cudaStreamDestroy(self, stream):
-        return (0,)
-
-    def cudaGetErrorName(self, err):
-        return 0, b"cudaErrorFake"
-
-
-def _device_array(ptr: int, shape, dtype) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    raw = (ctypes.c_uint8 * max(count, 1)).from_address(int(ptr))
-    return np.frombuffer(raw, np.uint8, count).view(dtype).reshape(shape).copy()
-
-
-class FakeContext:
-    def __init__(self, engine):
-        self.engine, self.shapes, self.addresses, self.outputs = engine, {}, {}, None
-
-    def set_optimization_profile_async(self, profile, stream):
-        return True
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name], self.outputs = tuple(shape), None
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = int(ptr)
-
-    def _run(self):
-        if self.outputs is None:  # TensorRT knows output shapes from input shapes; the fake runs the graph
-            feed = {e["name"]: _device_array(self.addresses[e["name"]], self.shapes[e["name"]], self.engine.dtype(e))
-                    for e in self.engine.io["inputs"]}
-            names = [e["name"] for e in self.engine.io["outputs"]]
-            self.outputs = dict(zip(names, self.engine.session.run(names, feed)))
-        return self.outputs
-
-    def get_tensor_shape(self, name):
-        return self._run()[name].shape
-
-    def execute_async_v3(self, stream):
-        for name, value in self._run().items():
-            value = np.ascontiguousarray(value)
-            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
-        self.outputs = None
-        return True
-
-
-class FakeEngine:
-    def __init__(self, bundle, graph):
-        import onnxruntime as ort
-
-        self.io, self.graph = bundle.graph_io(graph), graph
-        self.session = ort.InferenceSession(str(bundle.graph_path(graph)), providers=["CPUExecutionProvider"])
-        self.tensors = [(e["name"], True, e) for e in self.io["inputs"]] + [(e["name"], False, e) for e in self.io["outputs"]]
-        settings = profile_settings(bundle.manifest, PRESETS["jetson-orin-nano"], max_new_tokens=16)
-        self.profile = graph_profile(bundle.manifest, graph, settings)
-        self.num_io_tensors = len(self.tensors)
-        self.num_optimization_profiles = 1
-
-    @staticmethod
-    def dtype(entry):
-        return NP[TRT_NAMES[entry["dtype"]]]
-
-    def get_tensor_name(self, i):
-        return self.tensors[i][0]
-
-    def get_tensor_mode(self, name):
-        return "INPUT" if next(t for t in self.tensors if t[0] == name)[1] else "OUTPUT"
-
-    def get_tensor_dtype(self, name):
-        return SimpleNamespace(name=TRT_NAMES[next(t for t in self.tensors if t[0] == name)[2]["dtype"]])
-
-    def get_tensor_profile_shape(self, name, profile):
-        return [list(s) for s in self.profile[name]]
-
-    def create_execution_context(self):
-        return FakeContext(self)
-
-
-def fake_tensorrt(bundle):
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def get_plugin_registry(self):
-            return SimpleNamespace(load_library=lambda path: None)
-
-        def deserialize_cuda_engine(self, data):
-            return FakeEngine(bundle, data.decode())
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
-
-    return SimpleNamespace(__version__="10.3.0.30", Builder=object, Runtime=Runtime, Logger=Logger,
-                           TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
+OPTIONS = BuildOptions(preset="jetson-orin-nano", max_new_tokens=16, opt_image_start=3)
 
 
 @pytest.fixture()
-def fake_target(tiny_bundles, tmp_path, monkeypatch):
-    """A copy of a tiny bundle with 'engines' for the fake TensorRT, and the fakes patched in."""
-    path = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["gqa56"], path)
-    bundle = load_bundle(path)
-    keys, _ = planned_keys(bundle.manifest, BuildOptions(preset="jetson-orin-nano", max_new_tokens=16),
-                           tensorrt="10.3.0.30", gpu=FAKE_GPU[0], compute_capability=FAKE_GPU[1], plugins_sha256=None)
-    (path / "engines").mkdir()
-    for key in keys:
-        (path / "engines" / engine_file(key.graph)).write_text(key.graph)  # the fake engine is the graph's name
-    (path / "engines" / INDEX_FILE).write_text(json.dumps(make_index(keys)))
+def fake_trt(monkeypatch, tmp_path):
+    """One fresh 'process': a TensorRT with an empty plugin registry, fake CUDA, and a plugin library file."""
     cudart = FakeCudart()
-    trt = fake_tensorrt(bundle)
+    trt = FakeTensorRT(cudart)
     monkeypatch.setattr(trt_env, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_env, "import_cudart", lambda: cudart)
     monkeypatch.setattr(trt_env, "query_gpu", lambda device=0: FAKE_GPU)
-    return SimpleNamespace(bundle=bundle, cudart=cudart, trt=trt)
+    library = tmp_path / "libmllm_deploy_trt_plugins.so"
+    library.write_bytes(b"\x7fELF routing plugins")
+    return SimpleNamespace(trt=trt, cudart=cudart, plugins=library)
 
 
-def test_generation_matches_onnxruntime_and_decode_copies_only_new_slots(fake_target):
+@pytest.fixture(scope="module")
+def mod_recipe(tiny_model_dirs, tmp_path_factory):
+    """Mixture-of-depths with attention routers on layers 1-3 (no calibration data needed)."""
+    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.recipe import save_recipe
+
+    recipe = calibrate(str(tiny_model_dirs["gqa56"]), CalibOptions(method="mod", mod_plan="layers=1,2,3",
+                                                                   mod_capacity=[0.5], mod_router="attention"),
+                       log=lambda m: None)
+    path = tmp_path_factory.mktemp("mod-recipe") / "recipe.json"
+    save_recipe(recipe, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mod_bundles(tiny_model_dirs, mod_recipe, tmp_path_factory):
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("mod-bundles")
+    return {routing: export_bundle(str(tiny_model_dirs["gqa56"]), root / routing,
+                                   ExportOptions(recipe=str(mod_recipe), routing=routing), log=lambda m: None)
+            for routing in ("native", "plugin")}
+
+
+KINDS = ["dense", "fastv-native", "fastv-plugin", "pdrop-native", "fitprune-native", "vtw-native", "mod-native",
+         "mod-plugin"]
+
+
+def _bundle(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path):
+    if kind == "dense":
+        source = tiny_bundles["gqa56"]
+    elif kind.startswith("mod-"):
+        source = mod_bundles[kind.split("-")[1]]
+    else:
+        method, routing = kind.split("-")
+        source = pruned_bundles("gqa56", method, routing)
+    path = tmp_path / kind
+    shutil.copytree(source, path)
+    return load_bundle(path)
+
+
+def _build(bundle, fake, **changes):
+    from dataclasses import replace
+
+    changes.setdefault("plugins", fake.plugins if bundle.manifest["routing"] == "plugin" else None)
+    options = replace(OPTIONS, **changes)
+    logged: list[str] = []
+    result = build_engines(bundle.path, bundle.manifest, options, log=logged.append)
+    return result, logged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_bundle_builds_with_shape_values_and_runs_like_onnxruntime(kind, tiny_bundles, pruned_bundles,
+                                                                        mod_bundles, tmp_path, fake_trt):
     from mllm_deploy.runtime.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
-    bundle = fake_target.bundle
-    ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
+    bundle = _bundle(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path)
+    # the manifest's shape tensors are the ones the (fake) parser finds on its own
+    import onnx
+
+    for graph in ("vision", "prefill", "decode"):
+        found = integer_shape_inputs(onnx.load(str(bundle.graph_path(graph)), load_external_data=False))
+        assert set(bundle.shape_inputs(graph)) == found, graph
+    assert bundle.shape_inputs("prefill") == ["image_start"]
+    result, logged = _build(bundle, fake_trt)
+    prefill = next(k for k in result.keys if k.graph == "prefill").settings
+    visual = bundle.visual_tokens
+    longest = prefill["profile"]["input_ids"][2][1]
+    assert prefill["shape_values"] == {"image_start": [[0], [3], [longest - visual]]}
+    assert any("Building engine" in line for line in logged)  # the builder's progress is shown
+    ids, pixels = synthetic_inputs(bundle, visual + 12)
     with Generator(bundle, "onnxruntime") as ref:
-        want = ref.generate(ids, pixels, 6, ignore_eos=True)
+        want = ref.generate(ids, pixels, 5, ignore_eos=True)
+    with Generator(bundle, "tensorrt") as gen:
+        runner = gen.runners["prefill"]
+        assert set(runner.host_inputs) == {"image_start"}  # from get_tensor_location, held by the runner
+        got = gen.generate(ids, pixels, 5, ignore_eos=True)
+        assert fake_trt.trt.loads == ([str(fake_trt.plugins)] if "plugin" in kind else [])  # loaded once
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.first_logits, want.first_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_todays_profile_and_binding_fail_on_the_stricter_fake(tiny_bundles, tmp_path, fake_trt):
+    """The two defects of the first TensorRT path, reproduced: a prefill profile with dimensions only, and
+    image_start bound to device memory. Both fail as TensorRT fails."""
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    trt = fake_trt.trt
+    logger_errors: list[str] = []
+    logger = SimpleNamespace(log=lambda severity, message: logger_errors.append(message))
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    assert trt.OnnxParser(network, logger).parse_from_file(str(bundle.graph_path("prefill")))
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("input_ids", (1, 57), (1, 80), (1, 300))  # what build-mllm used to give
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is None
+    assert logger_errors == ["image_start: optimization profile is missing values for shape input"]
+
+    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.generator import Generator
+
+    _build(bundle, fake_trt)
+    ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
+    with Generator(bundle, "tensorrt") as gen:
+        runner = gen.runners["prefill"]
+        runner.host_inputs.clear()  # what the runner used to do: every input in device memory
+        with pytest.raises(MllmError, match="prefill"):
+            gen.prefill(ids, gen.encode_image(pixels), capacity_extra=1)
+        assert "image_start is a shape tensor: its address must be host memory" in runner.contexts[0].errors[-1]
+
+
+def test_a_manifest_that_misnames_the_shape_tensors_is_refused_before_building(tiny_bundles, tmp_path, fake_trt):
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["graphs"]["prefill"]["shape_inputs"] = []
+    with pytest.raises(BundleError, match=r"TensorRT reads \['image_start'\] of the prefill graph as shape tensors"):
+        build_engines(bundle.path, manifest, OPTIONS, log=lambda m: None)
+    manifest["graphs"]["prefill"]["shape_inputs"] = ["input_ids", "image_start"]
+    with pytest.raises(BundleError, match="input_ids is a TensorRT shape tensor.*knows no value range"):
+        build_engines(bundle.path, manifest, OPTIONS, log=lambda m: None)
+    del manifest["graphs"]["prefill"]["shape_inputs"]
+    with pytest.raises(BundleError, match="re-export the bundle"):
+        build_engines(bundle.path, manifest, OPTIONS, log=lambda m: None)
+    assert not (bundle.path / "engines").exists()
+
+
+def test_plugin_library_is_loaded_once_per_process(tmp_path, fake_trt, mod_bundles):
+    """build then run in one process (build-mllm --verify): one registration; another library is refused."""
+    from mllm_deploy.runtime.generator import Generator
+
+    bundle = load_bundle(shutil.copytree(mod_bundles["plugin"], tmp_path / "b"))
+    registry = fake_trt.trt.Builder(None).get_plugin_registry()
+    assert registry.load_library("x") is not None and registry.load_library("x") is None  # the fake, like TensorRT
+    fake_trt.trt.registered.clear()
+    fake_trt.trt.loads.clear()
+    _build(bundle, fake_trt)
+    with Generator(bundle, "tensorrt"):  # the engines/ copy has the same content: not loaded again
+        pass
+    assert fake_trt.trt.loads == [str(fake_trt.plugins)]
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x7fELF another build")
+    with pytest.raises(MllmError, match="another routing plugin library .* is already loaded in this process"):
+        _build(bundle, fake_trt, plugins=other, force=True)
+
+
+def test_timing_cache_is_kept_across_rebuilds(tiny_bundles, tmp_path, fake_trt):
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    _build(bundle, fake_trt)
+    cache = bundle.path / "engines" / TIMING_CACHE_FILE
+    assert json.loads(cache.read_bytes()) == ["vision", "prefill", "decode"]
+    _, logged = _build(bundle, fake_trt)
+    assert any("up to date" in line for line in logged) and not any("timing cache" in line for line in logged)
+    _, logged = _build(bundle, fake_trt, force=True)
+    assert any("reusing the TensorRT timing cache" in line for line in logged)
+    assert json.loads(cache.read_bytes()) == ["vision", "prefill", "decode"] * 2  # the builder got the old entries
+
+
+def test_decode_copies_only_new_kv_slots(tiny_bundles, tmp_path, fake_trt):
+    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.generator import Generator
+
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    _build(bundle, fake_trt)
+    ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
     with Generator(bundle, "tensorrt") as gen:
         decode = gen.runners["decode"]
         assert decode.kv_plan is not None and len(decode.kv_plan.layers) == bundle.num_layers
-        got = gen.generate(ids, pixels, 6, ignore_eos=True)
-        assert got.tokens == want.tokens
-        np.testing.assert_allclose(got.first_logits, want.first_logits, rtol=1e-5, atol=1e-5)
-        # one more decode step on the same cache: only one KV slot per layer and part travels
         features = gen.encode_image(pixels)
-        _, cache = gen.prefill(ids, features, capacity_extra=4)
-        gen.decode(want.tokens[0], ids.shape[1], cache)  # first step: the whole cache goes over
-        before = fake_target.cudart.to_device_bytes
-        gen.decode(want.tokens[1], ids.shape[1] + 1, cache)
+        logits, cache = gen.prefill(ids, features, capacity_extra=4)
+        token = int(np.argmax(logits))
+        gen.decode(token, ids.shape[1], cache)  # first step: the whole cache goes over
+        before = fake_trt.cudart.to_device_bytes
+        gen.decode(token, ids.shape[1] + 1, cache)
         text = bundle.manifest["model"]["text"]
         slot = text["num_kv_heads"] * text["head_dim"] * 4
         small_inputs = 8 + 8 + 8 * bundle.num_layers  # input_ids, position_ids, past_lengths
-        assert fake_target.cudart.to_device_bytes - before == 2 * bundle.num_layers * slot + small_inputs
+        assert fake_trt.cudart.to_device_bytes - before == 2 * bundle.num_layers * slot + small_inputs
 
 
-def test_stale_engine_and_missing_engines_are_refused(fake_target, monkeypatch):
+def test_stale_engine_and_missing_engines_are_refused(tiny_bundles, tmp_path, fake_trt, monkeypatch):
     from mllm_deploy.runtime.generator import Generator
 
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    _build(bundle, fake_trt)
     monkeypatch.setattr(trt_env, "query_gpu", lambda device=0: ("Other GPU", "9.0"))
     with pytest.raises(BundleError, match="stale.*gpu was 'Fake GPU', now 'Other GPU'"):
-        Generator(fake_target.bundle, "tensorrt").__enter__()
-    shutil.rmtree(fake_target.bundle.path / "engines")
+        Generator(bundle, "tensorrt").__enter__()
+    shutil.rmtree(bundle.path / "engines")
     with pytest.raises(BundleError, match="run build-mllm"):
-        Generator(fake_target.bundle, "tensorrt").__enter__()
+        Generator(bundle, "tensorrt").__enter__()
 
 
-def test_prompt_longer_than_the_profile_is_refused(fake_target):
+def test_prompt_longer_than_the_profile_is_refused(tiny_bundles, tmp_path, fake_trt):
     from mllm_deploy.runtime.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
-    bundle = fake_target.bundle
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    _build(bundle, fake_trt)
     longest = bundle.visual_tokens + PRESETS["jetson-orin-nano"].max_text_tokens
     ids, pixels = synthetic_inputs(bundle, min(longest + 1, 2040))
     with Generator(bundle, "tensorrt") as gen:
@@ -237,15 +247,14 @@ def test_prompt_longer_than_the_profile_is_refused(fake_target):
             gen.prefill(ids, gen.encode_image(pixels), capacity_extra=1)
 
 
-def test_verify_compares_benchmarks_and_reports(fake_target, monkeypatch):
+def test_verify_compares_benchmarks_and_reports(tiny_bundles, tmp_path, fake_trt, monkeypatch):
     """build-mllm --verify's steps on the fake target: TensorRT (here ORT underneath) agrees with ONNX Runtime."""
-    from mllm_deploy.export.trt_build import BuildResult
     from mllm_deploy.runtime import trt_verify
 
     monkeypatch.setattr(trt_verify, "check_kernels",
                         lambda plugins, log: trt_verify.Check("plugin kernels", "skip", "no plugins in this bundle"))
-    bundle = fake_target.bundle
-    build = BuildResult(bundle.path / "engines", keys=[], rebuilt=False, plugins=None)
+    bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
+    build, _ = _build(bundle, fake_trt)
     payload = trt_verify.verify(bundle, build, precision="float32", steps=3, repeats=1, log=lambda m: None)
     statuses = {c["name"]: c["status"] for c in payload["checks"]}
     assert statuses == {"plugin kernels": "skip", "vision": "pass", "prefill": "pass", "decode": "pass",

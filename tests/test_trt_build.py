@@ -18,7 +18,8 @@ from mllm_deploy.core.engines import (ENGINES_SCHEMA, INDEX_FILE, TRT_DTYPES, ch
 from mllm_deploy.core.errors import BundleError, MllmError
 from mllm_deploy.export.trt_build import (BuildOptions, check_plugins, planned_keys, plugin_graphs, precision_plan,
                                           up_to_date)
-from mllm_deploy.export.trt_profiles import PRESETS, all_profiles, dim_ranges, graph_profile, profile_settings
+from mllm_deploy.export.trt_profiles import (PRESETS, all_profiles, all_shape_values, dim_ranges, graph_profile,
+                                             profile_settings)
 from mllm_deploy.runtime.bundle import load_bundle
 from mllm_deploy.runtime.trt_plan import changed_rows, choose_profile, kv_lengths, plan_kv, plan_kv_from_profile
 
@@ -57,6 +58,12 @@ def test_profiles_of_a_dense_bundle(bundles):
     assert settings.max_prompt_tokens == min(visual + 512, m["model"]["text"]["max_position_embeddings"] - 256)
     profiles = all_profiles(m, settings)
     assert profiles["vision"] == {}  # static
+    # image_start is a shape tensor: values from "image first" to "all text before the image"
+    latest = settings.max_prompt_tokens - visual
+    assert all_shape_values(m, settings) == {"vision": {}, "prefill": {"image_start": ((0,), (0,), (latest,))},
+                                             "decode": {}}
+    typical = profile_settings(m, PRESETS["jetson-orin-nano"], opt_image_start=5)
+    assert all_shape_values(m, typical)["prefill"]["image_start"][1] == (5,)
     assert profiles["prefill"] == {"input_ids": ((1, settings.min_prompt_tokens), (1, settings.opt_prompt_tokens),
                                                  (1, settings.max_prompt_tokens))}
     decode = profiles["decode"]

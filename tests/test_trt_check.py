@@ -187,3 +187,25 @@ def test_missing_bundle_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bundle directory not found" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_shape_tensor_inputs_are_listed_and_an_unsized_one_is_flagged(tiny_bundles, bundle_with):
+    """image_start is a shape tensor build-mllm can size (listed, not a problem); a made-up input that feeds a
+    Reshape's shape has no range build-mllm could derive (a finding naming the slot)."""
+    proc = run_cli("check-trt-mllm", str(tiny_bundles["gqa56"]), "--trt", "10.3", "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["shape_inputs"] == {"prefill": ["image_start"]}
+    assert "prefill input image_start: TensorRT shape tensor" in run_cli(
+        "check-trt-mllm", str(tiny_bundles["gqa56"]), "--trt", "10.3").stderr
+    nodes = [helper.make_node("Add", ["n", "one"], ["n1"], name="add"),
+             helper.make_node("Concat", ["n1", "one"], ["shape"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape"),
+             helper.make_node("Shape", ["x"], ["xs"], name="shape_only"),
+             helper.make_node("Reshape", ["x", "xs"], ["z"], name="reshape_by_shape")]
+    model = _model(nodes, [_value("x", F, [2, 8]), _value("n", I64, [1]), _value("m", I64, [1])],
+                   [_value("y", F, None), _value("z", F, None)], [_int("one", [1])])
+    proc = run_cli("check-trt-mllm", str(bundle_with(model)), "--trt", "10.16", "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["shape_inputs"] == {"prefill": ["n"]}  # x reaches a shape through Shape only
+    assert [(f["node"], f["op_type"]) for f in report["findings"]] == [("n", "input")]
+    assert "Reshape input 1 at reshape" in report["findings"][0]["problem"]

@@ -7,6 +7,11 @@ graph has plugin nodes (the copy build-mllm keeps in ``engines/``, or ``plugins=
 ``$MLLM_DEPLOY_TRT_PLUGINS``); one execution context per optimisation profile; device buffers
 grow to the largest shape seen and are reused; ``execute_async_v3`` on the runner's stream.
 
+Inputs the engine keeps on the host (``get_tensor_location`` is HOST: the shape tensors, such as
+prefill's ``image_start``) are bound to host arrays the runner owns, which stay alive and at the
+same address while TensorRT may read them; every other tensor is bound to device memory. Their
+values are checked against the profile's value range before TensorRT sees them.
+
 Decode keeps every layer's KV buffers on the device at the profile's largest capacity. The
 host cache (runtime/kv.py) only grows at the end between steps, so when the same host arrays
 are fed again only the new slots are copied (``trt_plan.changed_rows``), not the whole cache.
@@ -32,6 +37,20 @@ from mllm_deploy.runtime.trt_plan import changed_rows, choose_profile, plan_kv_f
 PAST = re.compile(r"^past\.(\d+)\.(key|value)$")
 
 
+def _values_key(name: str) -> str:
+    """The profile entry of a shape tensor's values (beside the entries of input shapes)."""
+    return f"{name} values"
+
+
+def _profile_values(engine, name: str, profile: int):
+    """A shape tensor's (min, opt, max) values on a profile. The bindings' function takes (profile_index, name)
+    positionally although its documentation names them (name, profile_index): accept either order."""
+    try:
+        return engine.get_tensor_profile_values(profile, name)
+    except TypeError:
+        return engine.get_tensor_profile_values(name, profile)
+
+
 class _DeviceBuffer:
     def __init__(self, runner: "TrtRunner", nbytes: int):
         self.ptr = runner._call(runner.cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc")
@@ -54,6 +73,7 @@ class TrtRunner(Runner):
         self._uploaded: dict[str, tuple[np.ndarray, int]] = {}  # past.* name -> (host array, slots on device)
         self._graphs: dict[tuple, object] = {}
         self._seen: set[tuple] = set()
+        self.host_inputs: dict[str, np.ndarray] = {}  # shape-tensor inputs: host memory TensorRT reads
         self.stream = None
         self.kv_plan = None
 
@@ -107,7 +127,9 @@ class TrtRunner(Runner):
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         if plugins is not None:
-            runtime.get_plugin_registry().load_library(str(plugins))
+            from mllm_deploy.core.trt_env import load_plugin_library
+
+            load_plugin_library(trt, runtime.get_plugin_registry(), plugins)
         self._runtime = runtime
         self.engine = runtime.deserialize_cuda_engine((engines_dir(self.bundle_dir) / entry["file"]).read_bytes())
         if self.engine is None:
@@ -118,8 +140,17 @@ class TrtRunner(Runner):
         self.map = map_tensors(self.io, tensors, self.name)
         self.stream = self._call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         dynamic = [b.name for b in self.map.inputs if any(not isinstance(d, int) for d in b.shape)]
+        on_host = [b.name for b in self.map.inputs if self.engine.get_tensor_location(b.name) == trt.TensorLocation.HOST]
+        for name in on_host:
+            if not all(isinstance(d, int) for d in self._inputs[name]["shape"]):
+                raise BundleError(f"{self.name} input {name} is a shape tensor with a dynamic shape, which the runtime "
+                                  "does not support; re-export the bundle")
+        self.host_inputs = {name: np.zeros(tuple(self._inputs[name]["shape"]), NP_DTYPES[self._inputs[name]["dtype"]])
+                            for name in on_host}
         for profile in range(self.engine.num_optimization_profiles):
             shapes = {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, profile)) for n in dynamic}
+            for name in on_host:  # a shape tensor's profile is a range of values
+                shapes[_values_key(name)] = tuple(tuple(v) for v in _profile_values(self.engine, name, profile))
             self.profiles.append(shapes)
             context = self.engine.create_execution_context()
             if context is None:
@@ -158,6 +189,7 @@ class TrtRunner(Runner):
             if self.stream is not None:
                 self.cudart.cudaStreamDestroy(self.stream)
         self.buffers.clear()
+        self.host_inputs.clear()
         self._uploaded.clear()
         self._graphs.clear()
         self._seen.clear()
@@ -166,6 +198,7 @@ class TrtRunner(Runner):
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = list(self.map.inputs)
         shapes = {b.name: tuple(feed[b.name].shape) for b in inputs}
+        shapes.update({_values_key(name): tuple(int(v) for v in feed[name].reshape(-1)) for name in self.host_inputs})
         profile = choose_profile(self.profiles, shapes)
         context = self.contexts[profile]
         lengths = feed.get("past_lengths")
@@ -173,6 +206,11 @@ class TrtRunner(Runner):
             array = np.ascontiguousarray(feed[binding.name])
             if not context.set_input_shape(binding.name, array.shape):
                 raise MllmError(f"{self.name}: TensorRT refused shape {array.shape} for {binding.name}")
+            host = self.host_inputs.get(binding.name)
+            if host is not None:  # a shape tensor: TensorRT reads it from this host array during the call
+                host[...] = array
+                context.set_tensor_address(binding.name, host.ctypes.data)
+                continue
             buffer = self._buffer(binding.name, array.nbytes)
             match = PAST.match(binding.name)
             if match and lengths is not None:
