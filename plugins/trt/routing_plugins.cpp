@@ -3,8 +3,11 @@
 // kernels are the C ABI of plugins/cuda/routing_kernels.h, tested on their own against the NumPy
 // references (plugins/ops.py).
 //
-// Built against the TensorRT headers only (no libnvinfer link), so one binary serves every
-// TensorRT >= 10 runtime it is loaded into and can be serialized with version-compatible engines.
+// Built against the TensorRT headers only (no libnvinfer link), so one binary serves every runtime
+// of its headers' major version and can be serialized with version-compatible engines. Not across
+// majors: the IPluginV3 interfaces have the same vtables in the 10.x and 11.x headers, but TensorRT 11
+// derives ILogger and ILoggerFinder from IVersionedInterface, which moves log() and findLogger(), so
+// a 10.x build calling the logger of an 11.x runtime (or the reverse) would call the wrong method.
 // TensorRT finds the creators through the exported getCreators(); setLoggerFinder() gives us its
 // logger. Field names and types must match plugins/trt_fields.py (a test checks this file).
 #include <NvInferRuntime.h>
