@@ -78,6 +78,19 @@ def tensorrt_major(version: str) -> int:
         raise MllmError(f"cannot read the TensorRT version {version!r}") from None
 
 
+def plugin_library_tensorrt_major(path) -> int | None:
+    """The TensorRT major version a plugin library was compiled for (its exported
+    ``mllm_trt_plugins_tensorrt_major``); None when it cannot say (an older build, or not loadable here)."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(str(path)).mllm_trt_plugins_tensorrt_major
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int32
+    return int(function())
+
+
 # TensorRT keeps one plugin registry per process, and registering creators that are already there fails
 # (IPluginRegistry::loadLibrary returns null). build-mllm --verify builds, then runs the engines in the same
 # process, and the runtime copy of the library lives in engines/: load each library content once.
@@ -97,6 +110,12 @@ def load_plugin_library(trt, registry, path) -> Any:
         other = next(iter(loaded.values()))[0]
         raise MllmError(f"another routing plugin library ({other}) is already loaded in this process and TensorRT "
                         f"cannot register the same plugins twice; run {path}'s engines in a new process")
+    built_for = plugin_library_tensorrt_major(path)
+    running = tensorrt_major(trt.__version__)
+    if built_for is not None and built_for != running:
+        raise MllmError(f"{path} was compiled against TensorRT {built_for} headers and this is TensorRT "
+                        f"{trt.__version__}; rebuild it here (cmake -S plugins -B build/plugins): the plugin ABI "
+                        "differs between major versions")
     handle = registry.load_library(path)
     if handle is None:
         raise MllmError(f"TensorRT could not load the plugin library {path} (see the TensorRT log above; a library "

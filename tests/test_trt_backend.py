@@ -263,3 +263,22 @@ def test_verify_compares_benchmarks_and_reports(tiny_bundles, tmp_path, fake_trt
     report = (bundle.path / "engines" / "verify.md").read_text()
     assert "**PASS**" in report and "| prefill | pass | agree:" in report
     assert json.loads((bundle.path / "engines" / "verify.json").read_text())["checks"][-1]["data"]["backend"] == "tensorrt"
+
+
+def test_a_plugin_library_built_for_another_tensorrt_major_is_refused(tmp_path, fake_trt, mod_bundles):
+    """11.x changed the logger ABI: a library compiled against 11.x headers must not load into TensorRT 10."""
+    import subprocess
+
+    from mllm_deploy.core.trt_env import plugin_library_tensorrt_major
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "major.c"
+    source.write_text("int mllm_trt_plugins_tensorrt_major(void) { return 11; }\n")
+    library = tmp_path / "libplugins11.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    assert plugin_library_tensorrt_major(library) == 11 and plugin_library_tensorrt_major(fake_trt.plugins) is None
+    bundle = load_bundle(shutil.copytree(mod_bundles["plugin"], tmp_path / "b"))
+    with pytest.raises(MllmError, match="compiled against TensorRT 11 headers and this is TensorRT 10.3.0.30"):
+        _build(bundle, fake_trt, plugins=library)
+    assert fake_trt.trt.loads == [] and not (bundle.path / "engines").exists()

@@ -627,6 +627,13 @@ RoutingCreator& visualScoreCreator()
 // ---- library entry points (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins) ------------------
 extern "C" {
 
+// The TensorRT major version whose headers this library was compiled against. 11.x changed the ILogger
+// and ILoggerFinder ABI, so build-mllm reads this before loading the library and refuses a mismatch.
+__attribute__((visibility("default"))) int32_t mllm_trt_plugins_tensorrt_major()
+{
+    return NV_TENSORRT_MAJOR;
+}
+
 __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     mllm_trt::gLoggerFinder = finder;
