@@ -82,3 +82,50 @@ def compare_outputs(
             err = float("inf")
         result.outputs.append(OutputComparison(name, err, tol.limit(ref64)))
     return result
+
+
+# ---- token selections ------------------------------------------------------------------------------------
+@dataclass
+class SelectionComparison:
+    """How two backends' selections at one routing layer relate: "equal", "tie" (they kept different tokens,
+    but every token only one kept scores within the tolerance of the boundary), or "mismatch"."""
+    layer: int
+    status: str
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "mismatch"
+
+
+def compare_selection(layer: int, kept_reference: np.ndarray, kept_candidate: np.ndarray,
+                      scores_reference: np.ndarray, scores_candidate: np.ndarray,
+                      tolerance: Tolerance) -> SelectionComparison:
+    """Two backends may break a near-tie at the k-th place differently (summation order, FP16 tactics).
+
+    That is a tie, not a failure, when both backends' scores agree within ``tolerance`` and every token kept
+    by only one of them scores within ``tolerance`` of the k-th best score. Anything else is a mismatch.
+    """
+    ref_kept, cand_kept = np.asarray(kept_reference).ravel(), np.asarray(kept_candidate).ravel()
+    ref_scores = np.asarray(scores_reference, np.float64).ravel()
+    cand_scores = np.asarray(scores_candidate, np.float64).ravel()
+    if ref_scores.shape != cand_scores.shape or ref_kept.shape != cand_kept.shape:
+        return SelectionComparison(layer, "mismatch", f"layer {layer}: shapes differ ({ref_kept.shape[0]} vs "
+                                   f"{cand_kept.shape[0]} kept of {ref_scores.shape[0]} vs {cand_scores.shape[0]})")
+    limit = tolerance.limit(ref_scores)
+    score_error = float(np.max(np.abs(ref_scores - cand_scores))) if ref_scores.size else 0.0
+    if not np.isfinite(score_error) or score_error > limit:
+        return SelectionComparison(layer, "mismatch", f"layer {layer}: ranking scores differ by {score_error:.3g} "
+                                   f"(limit {limit:.3g})")
+    if np.array_equal(ref_kept, cand_kept):
+        return SelectionComparison(layer, "equal", f"layer {layer}: same {ref_kept.size} tokens")
+    swapped = np.setxor1d(ref_kept, cand_kept)
+    if swapped.size == 0 or np.any((swapped < 0) | (swapped >= ref_scores.size)):
+        return SelectionComparison(layer, "mismatch", f"layer {layer}: kept indices differ in order or range")
+    boundary = float(np.sort(ref_scores)[::-1][ref_kept.size - 1])  # the k-th best score
+    distance = float(np.max(np.abs(ref_scores[swapped] - boundary)))
+    if distance <= limit:
+        return SelectionComparison(layer, "tie", f"tie at layer {layer}: {swapped.size // 2} token(s) swapped at the "
+                                   f"k-th place, scores within {distance:.3g} of the boundary (limit {limit:.3g})")
+    return SelectionComparison(layer, "mismatch", f"layer {layer}: {swapped.size // 2} kept token(s) differ, "
+                               f"{distance:.3g} from the boundary score (limit {limit:.3g})")

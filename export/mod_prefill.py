@@ -90,6 +90,7 @@ class ModPrefillBuilder(PrefillBuilder):
                             sub, sub_positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
                                                                             positions, capacity, n)
                             kept = routing.kept_visual(g, rows, self.vis_start, capacity)
+                            routing.expose_selection(g, l, scores, kept, n, capacity)
                             cos, sin, mask = self._derive(sub_positions)
                         n_here = capacity
                     else:

@@ -103,8 +103,10 @@ class PrefillBuilder:
                                     scores = pending
                                 else:
                                     scores = self._pdrop_scores(l, x, positions, n_vis, cos, sin)
-                                x, positions, _ = routing.token_select(g, self.mode, scores, self.vis_start, x,
-                                                                       positions, want, n_vis)
+                                x, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
+                                                                          positions, want, n_vis)
+                                routing.expose_selection(g, l, scores, routing.kept_visual(g, rows, self.vis_start, want),
+                                                         n_vis, want)
                             n_vis = want
                             cos, sin, mask = self._derive(positions)
                     q, k, v, ctx = text_graphs.layer_attention(g, spec, self.w, l, x, cos, sin, mask, self.ft)
@@ -140,9 +142,12 @@ class PrefillBuilder:
                                 # the plugin moves one tensor: ctx and the residual travel together
                                 width = t.num_heads * t.head_dim
                                 both = g.op("Concat", [ctx, x], axis=-1)
-                                both, positions, _ = routing.token_select(g, self.mode, scores, self.vis_start, both,
-                                                                          positions, mlp_visual[l], n_vis)
+                                both, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, both,
+                                                                             positions, mlp_visual[l], n_vis)
                                 ctx, x = g.split(both, [width, t.hidden_size], axis=-1)
+                            if scores is not None:
+                                kept = routing.kept_visual(g, rows, self.vis_start, mlp_visual[l])
+                                routing.expose_selection(g, l, scores, kept, n_vis, mlp_visual[l])
                             n_vis = mlp_visual[l]
                             cos, sin, mask = self._derive(positions)
                     x = text_graphs.layer_finish(g, spec, self.w, l, x, ctx, self.ft)

@@ -136,6 +136,14 @@ def scatter_scores(g: GraphBuilder, mode: str, scores: str, kept: str, fresh: st
         return g.op("ScatterElements", [scores, kept, fresh], axis=0)
 
 
+def expose_selection(g: GraphBuilder, layer: int, scores: str, kept: str, n_vis: int, keep: int) -> None:
+    """Graph outputs ``route.{layer}.scores`` [n_vis] float32 and ``route.{layer}.kept`` [keep] int64 (visual-span
+    indices, ascending): build-mllm --verify compares two backends' selections with them and tells a near-tie
+    broken differently from a real mismatch. Both tensors exist anyway; the runtime does not read them."""
+    g.output(scores, f"route.{layer}.scores", TensorProto.FLOAT, [n_vis])
+    g.output(kept, f"route.{layer}.kept", TensorProto.INT64, [keep])
+
+
 def kept_visual(g: GraphBuilder, rows: str, vis_start: str, keep: int) -> str:
     """Visual-span indices [keep] of the kept visual rows, from TokenSelect's rows."""
     with g.scope("kept_visual"):

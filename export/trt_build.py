@@ -159,6 +159,32 @@ def make_logger(trt, log: Callable[[str], None], verbose: bool = False):
     return Logger()
 
 
+# Node-name scopes of the ranking arithmetic (export/routing.py, export/mod_prefill.py): scores, their running
+# updates, and the TopK pair that selects and sorts (its second TopK sorts indices cast to float, exact in FP32
+# up to 2^24 but not in FP16 beyond 2048).
+RANKING_SCOPES = ("/VisualScore/", "/TokenSelect/", "/ScatterScores/", "/router/", "/rank/")
+
+
+def is_ranking_layer(name: str) -> bool:
+    return any(scope in name for scope in RANKING_SCOPES)
+
+
+def pin_ranking_layers(trt, network) -> list[str]:
+    """With the FP16 builder flag TensorRT may run any layer of a float32 network in FP16; ranking scores must stay
+    FP32 (a near-tie would flip otherwise), so pin the ranking layers and their float outputs. Returns their names."""
+    pinned = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if not is_ranking_layer(layer.name):
+            continue
+        layer.precision = trt.float32
+        for slot in range(layer.num_outputs):
+            if layer.get_output_type(slot) in (trt.float16, trt.float32):
+                layer.set_output_type(slot, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
 def make_progress_monitor(trt, log: Callable[[str], None], graph: str):
     """A trt.IProgressMonitor that reports the builder's top-level phases (None where TensorRT has none)."""
     base = getattr(trt, "IProgressMonitor", None)
@@ -216,6 +242,8 @@ def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_mb"]) << 20)
     if settings["fp16_flag"]:
         config.set_flag(trt.BuilderFlag.FP16)
+        if pin_ranking_layers(trt, network):
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     if settings["precision"] == "float32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # match ONNX Runtime's float32 within 1e-4
     cache = config.create_timing_cache(timing_cache)

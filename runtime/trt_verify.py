@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from mllm_deploy.core.compare import DEFAULT_TOLERANCES, compare_outputs
+from mllm_deploy.core.compare import DEFAULT_TOLERANCES, compare_outputs, compare_selection
 from mllm_deploy.core.errors import MllmError, VerificationError
 from mllm_deploy.core.fsutil import atomic_write_text
 
@@ -69,6 +70,34 @@ def _compare(name: str, reference: dict, candidate: dict, tolerance) -> Check:
     return Check(name, "pass" if result.ok else "fail", result.summary(), data)
 
 
+ROUTE_KEPT = re.compile(r"^route\.(\d+)\.kept$")
+
+
+def compare_selections(ref, trt, ids: np.ndarray, features: np.ndarray, tolerance) -> tuple[Check | None, int | None]:
+    """Compare the kept visual tokens of every routing layer (the prefill graph's ``route.{l}.*`` outputs).
+
+    Returns the check (None when the bundle routes nothing) and the first layer where a near-tie was broken
+    differently (None when the selections are equal): its later layers, logits and decode steps are not
+    comparable, and are not compared.
+    """
+    feed = {"input_ids": ids, "image_features": features,
+            "image_start": np.array([ref.image_start(ids)], dtype=np.int64)}
+    ref_out, trt_out = ref.runners["prefill"].infer(feed), trt.runners["prefill"].infer(feed)
+    layers = sorted(int(m.group(1)) for m in map(ROUTE_KEPT.match, ref_out) if m)
+    if not layers:
+        return None, None
+    results = [compare_selection(l, ref_out[f"route.{l}.kept"], trt_out[f"route.{l}.kept"],
+                                 ref_out[f"route.{l}.scores"], trt_out[f"route.{l}.scores"], tolerance) for l in layers]
+    for result in results:  # the first layer that differs decides: later layers saw other tokens
+        if result.status == "mismatch":
+            return Check("token selection", "fail", result.detail, {"layer": result.layer}), None
+        if result.status == "tie":
+            return Check("token selection", "pass", f"{result.detail}; later layers, logits and decode not compared",
+                         {"layer": result.layer, "tie": True}), result.layer
+    return Check("token selection", "pass", f"same tokens kept at layers {', '.join(map(str, layers))}",
+                 {"layers": layers}), None
+
+
 def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plugins: Path | None,
                      log: Callable[[str], None]) -> list[Check]:
     """TensorRT vs ONNX Runtime, stage by stage; each stage gets the reference's inputs so errors do not compound."""
@@ -85,8 +114,22 @@ def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plu
         features = ref.encode_image(pixels)
         checks.append(_compare("vision", {"image_features": features}, {"image_features": trt.encode_image(pixels)},
                                tolerance))
+        selection, diverged = compare_selections(ref, trt, ids, features, tolerance)
+        if selection is not None:
+            checks.append(selection)
+            if selection.status == "fail":
+                return checks
         logits_ref, cache_ref = ref.prefill(ids, features, capacity_extra=steps)
         logits_trt, cache_trt = trt.prefill(ids, features, capacity_extra=steps)
+        if diverged is not None:
+            # after a tie the two runs hold different tokens: only the layers before it are comparable
+            want = {f"present.{l}.{part}": getattr(cache_ref, part + "s")[l][:, :, :int(cache_ref.lengths[l])]
+                    for l in range(diverged) for part in ("key", "value")}
+            got = {f"present.{l}.{part}": getattr(cache_trt, part + "s")[l][:, :, :int(cache_trt.lengths[l])]
+                   for l in range(diverged) for part in ("key", "value")}
+            checks.append(_compare("prefill", want, got, tolerance) if want else
+                          Check("prefill", "skip", f"diverges at layer {diverged} after a tie"))
+            return checks
         want, got = {"logits": logits_ref}, {"logits": logits_trt}
         for layer, n in enumerate(int(x) for x in cache_ref.lengths):
             for part, ref_kv, trt_kv in (("key", cache_ref.keys, cache_trt.keys), ("value", cache_ref.values,

@@ -137,9 +137,39 @@ class FakeTensor:
         self.dtype = SimpleNamespace(name=dtype_name)
 
 
+class FakeLayer:
+    """A parsed layer named after its ONNX node; records precision constraints."""
+
+    def __init__(self, name, output_types):
+        self.name, self.output_types, self.precision_is_set = name, list(output_types), False
+        self._precision = "FLOAT"
+
+    num_outputs = property(lambda self: len(self.output_types))
+
+    @property
+    def precision(self):
+        return self._precision
+
+    @precision.setter
+    def precision(self, value):
+        self._precision, self.precision_is_set = value, True
+
+    def get_output_type(self, slot):
+        return self.output_types[slot]
+
+    def set_output_type(self, slot, value):
+        self.output_types[slot] = value
+
+
 class FakeNetwork:
     def __init__(self, flags):
         self.flags, self.inputs, self.outputs, self.path, self.plugins = flags, [], [], None, []
+        self.layers: list[FakeLayer] = []
+
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_layer(self, i):
+        return self.layers[i]
 
     num_inputs = property(lambda self: len(self.inputs))
     num_outputs = property(lambda self: len(self.outputs))
@@ -279,10 +309,15 @@ class FakeTensorRT:
                     config.progress_monitor.phase_finish("Building engine")
                 config.cache.entries.append(Path(network.path).stem)
                 fake.builds.append(Path(network.path).stem)
+                pinned = [layer.name for layer in network.layers if layer.precision_is_set]
+                if pinned and "obey" not in config.flags and "prefer" not in config.flags:
+                    self.logger.log(ILogger.WARNING, "precision constraints are ignored without a constraint flag")
+                    pinned = []
                 profiles = [{"shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()},
                              "values": {k: [list(s) for s in v] for k, v in p.values.items()}} for p in config.profiles]
                 return json.dumps({"onnx": str(network.path), "profiles": profiles, "plugins": network.plugins,
-                                   "shape_inputs": [t.name for t in network.inputs if t.is_shape_tensor]}).encode()
+                                   "shape_inputs": [t.name for t in network.inputs if t.is_shape_tensor],
+                                   "fp16": "fp16" in config.flags, "fp32_layers": pinned}).encode()
 
         class OnnxParser:
             def __init__(self, network, logger):
@@ -307,6 +342,7 @@ class FakeTensorRT:
                 self.network.path, self.network.plugins = str(path), plugins
                 self.network.inputs = _tensors(model.graph.input, shape_inputs)
                 self.network.outputs = _tensors(model.graph.output)
+                self.network.layers = [FakeLayer(n.name, ["FLOAT"] * len(n.output)) for n in model.graph.node]
                 return True
 
         class Runtime:
@@ -327,7 +363,9 @@ class FakeTensorRT:
         self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
         self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
         self.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
-        self.BuilderFlag = SimpleNamespace(FP16="fp16", TF32="tf32")
+        self.BuilderFlag = SimpleNamespace(FP16="fp16", TF32="tf32", OBEY_PRECISION_CONSTRAINTS="obey",
+                                           PREFER_PRECISION_CONSTRAINTS="prefer")
+        self.float32, self.float16 = "FLOAT", "HALF"
         self.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
         self.TensorLocation = SimpleNamespace(DEVICE="DEVICE", HOST="HOST")
 

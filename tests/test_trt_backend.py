@@ -282,3 +282,58 @@ def test_a_plugin_library_built_for_another_tensorrt_major_is_refused(tmp_path, 
     with pytest.raises(MllmError, match="compiled against TensorRT 11 headers and this is TensorRT 10.3.0.30"):
         _build(bundle, fake_trt, plugins=library)
     assert fake_trt.trt.loads == [] and not (bundle.path / "engines").exists()
+
+
+# ---- near-ties: two backends may keep different tokens at the k-th place -----------------------------------
+def test_selection_comparator_tells_a_tie_from_a_mismatch():
+    from mllm_deploy.core.compare import DEFAULT_TOLERANCES, compare_selection
+
+    tolerance = DEFAULT_TOLERANCES["float32"]  # atol 1e-4
+    scores = np.array([0.30, 0.10, 0.25, 0.25, 0.05, 0.05], np.float32)  # two equal scores at the 2nd place
+    same = compare_selection(3, np.array([0, 2]), np.array([0, 2]), scores, scores, tolerance)
+    assert same.status == "equal" and same.ok
+    tie = compare_selection(3, np.array([0, 2]), np.array([0, 3]), scores, scores + 2e-5, tolerance)
+    assert tie.status == "tie" and tie.ok and tie.detail.startswith("tie at layer 3: 1 token(s) swapped")
+    near = scores.copy()
+    near[3] = 0.25 - 5e-5  # within the tolerance of the boundary: still a tie
+    assert compare_selection(3, np.array([0, 2]), np.array([0, 3]), near, near, tolerance).status == "tie"
+    far = compare_selection(3, np.array([0, 2]), np.array([0, 1]), scores, scores, tolerance)
+    assert far.status == "mismatch" and not far.ok and "0.15 from the boundary" in far.detail
+    drift = scores.copy()
+    drift[4] += 1e-3  # the scores themselves disagree: never a tie
+    assert "ranking scores differ" in compare_selection(3, np.array([0, 2]), np.array([0, 3]), scores, drift,
+                                                        tolerance).detail
+    assert compare_selection(3, np.array([0, 2]), np.array([0, 2, 3]), scores, scores, tolerance).status == "mismatch"
+
+
+def test_verify_checks_token_selection_of_a_pruned_bundle(pruned_bundles, tmp_path, fake_trt, monkeypatch):
+    from mllm_deploy.runtime import trt_verify
+
+    monkeypatch.setattr(trt_verify, "check_kernels",
+                        lambda plugins, log: trt_verify.Check("plugin kernels", "skip", "no plugins"))
+    bundle = load_bundle(shutil.copytree(pruned_bundles("gqa56", "fitprune", "plugin"), tmp_path / "b"))
+    assert any(o["name"].startswith("route.") for o in bundle.manifest["graphs"]["prefill"]["outputs"])
+    build, _ = _build(bundle, fake_trt)
+    payload = trt_verify.verify(bundle, build, precision="float32", steps=3, repeats=1, log=lambda m: None)
+    selection = next(c for c in payload["checks"] if c["name"] == "token selection")
+    assert selection["status"] == "pass" and selection["detail"].startswith("same tokens kept at layers")
+    assert payload["ok"]
+
+
+@pytest.mark.parametrize("kind", ["fastv-native", "fitprune-native", "mod-native"])
+def test_fp16_builds_keep_ranking_layers_in_fp32(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path, fake_trt):
+    """--fp16 lets TensorRT lower any layer of a float32 network: the ranking layers are pinned to FP32 (and the
+    constraint flag set, without which TensorRT ignores them); the layers that only move activations are not."""
+    import onnx
+
+    bundle = _bundle(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path)
+    result, _ = _build(bundle, fake_trt, fp16=True)
+    plan = json.loads((bundle.path / "engines" / "prefill.plan").read_bytes())
+    assert plan["fp16"]
+    nodes = [n for n in onnx.load(str(bundle.graph_path("prefill")), load_external_data=False).graph.node]
+    topk = {n.name for n in nodes if n.op_type == "TopK"}
+    scores = {n.name for n in nodes if "/VisualScore/" in n.name or "/router/" in n.name}
+    assert topk and topk <= set(plan["fp32_layers"]) and scores <= set(plan["fp32_layers"])
+    assert not any("/mlp/" in name or name.endswith("/attn/qkv_proj/MatMul") for name in plan["fp32_layers"])
+    plain, _ = _build(bundle, fake_trt, fp16=False, force=True)
+    assert json.loads((bundle.path / "engines" / "prefill.plan").read_bytes())["fp32_layers"] == []
