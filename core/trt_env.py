@@ -14,7 +14,8 @@ from mllm_deploy.core.errors import DependencyError, MllmError
 
 TRT_INSTALL_HINT = ("TensorRT is not installed: this needs the tensorrt Python package (Jetson: it comes with "
                     "JetPack as python3-libnvinfer; x86: pip install tensorrt-cu12 or tensorrt-cu13) and a CUDA GPU")
-CUDA_INSTALL_HINT = "cuda-python is not installed: pip install 'cuda-python>=12' (the CUDA runtime bindings)"
+CUDA_INSTALL_HINT = ("cuda-python is not installed: pip install 'mllm-deploy[jetpack6]' (JetPack 6, CUDA 12) or "
+                     "'mllm-deploy[jetpack7]' (JetPack 7, CUDA 13)")
 
 
 def import_tensorrt():

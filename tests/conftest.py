@@ -61,10 +61,11 @@ def make_image(path: Path, size=(90, 70), mode="RGB", seed=0) -> Path:
     return path
 
 
-def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
     """Run an installed console script the way a user does."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(VENV_BIN / tool), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run([str(VENV_BIN / tool), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=cwd)
 
 
 # llava-hf/llava-1.5-7b-hf hyperparameters, written by tests as a bare config.json: no weights needed.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 
 from conftest import REPO, run_cli
 
@@ -35,3 +37,40 @@ def test_demo_compares_dense_and_fitprune_shapes_llava(tmp_path):
     assert float(dense[4].split("%")[0]) >= 80.0  # accuracy on the test questions
     for name in ("shapes-llava-dense", "shapes-llava-fitprune"):
         assert (tmp_path / name / "manifest.json").is_file()
+
+
+def _jetson_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Jetson / TensorRT", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_readme_workstation_commands_for_a_jetson_run_as_written(tmp_path):
+    """The export and check-trt lines a Jetson user copies, run as written (in a scratch directory)."""
+    workstation = _jetson_blocks()[0]
+    lines = [line.strip() for line in workstation.splitlines() if line.strip() and not line.startswith("#")]
+    assert [line.split()[0] for line in lines] == [".venv/bin/calib-mllm", ".venv/bin/export-mllm",
+                                                   ".venv/bin/check-trt-mllm"]
+    for line in lines:
+        tool, *args = shlex.split(line)
+        proc = run_cli(tool.removeprefix(".venv/bin/"), *args, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, (line, proc.stdout, proc.stderr)
+    assert "no problems for TensorRT 10.3" in proc.stdout and "plugins: TokenSelect, VisualScore" in proc.stdout
+    manifest = json.loads((tmp_path / "tiny-fastv" / "manifest.json").read_text())
+    assert manifest["routing"] == "plugin" and manifest["graphs"]["prefill"]["shape_inputs"] == ["image_start"]
+
+
+def test_readme_target_commands_name_the_extras_and_nvcc_a_stock_jetpack_needs():
+    """What cannot run here is checked for what a stock JetPack needs: the extra that pins cuda-python to its CUDA
+    major and brings the ONNX Runtime plugin kernels, and nvcc's path (JetPack does not put it on PATH)."""
+    import tomllib
+
+    target = _jetson_blocks()[1]
+    assert 'pip install -e ".[jetpack6]"' in target and "--system-site-packages" in target
+    assert "-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc" in target and "-DCMAKE_CUDA_ARCHITECTURES=87" in target
+    assert "build-mllm" in target and "--verify" in target and "--backend tensorrt" in target
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "cuda-python>=12.2,<13" in extras["jetpack6"] and "cuda-python>=13,<14" in extras["jetpack7"]
+    for name in ("jetpack6", "jetpack7"):
+        assert set(extras["ort-plugins"]) <= set(extras[name])  # --verify runs plugin bundles on ONNX Runtime
+        assert not any(dep.startswith("tensorrt") for dep in extras[name])  # JetPack's own TensorRT
