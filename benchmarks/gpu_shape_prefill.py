@@ -56,7 +56,7 @@ def main() -> int:
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.models.registry import load_spec
 

@@ -50,8 +50,8 @@ def main() -> int:
         p.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
 
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.flops import prefill_cost
-    from mllm_deploy.calib.recipe import load_recipe, save_recipe
+    from mllm_deploy.formats.flops import prefill_cost
+    from mllm_deploy.formats.recipe import load_recipe, save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import load_spec
     from mllm_deploy.runtime.bundle import load_bundle

@@ -23,12 +23,12 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.calib.reference import RecipeReference
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.loading import load_hf_model
     from mllm_deploy.models.shapes_llava import packaged_model
-    from mllm_deploy.models.shapes_train import prompt_builder
+    from mllm_deploy.tools.shapes_train import prompt_builder
     from mllm_deploy.runtime.preprocess import ImagePreprocessConfig, preprocess
 
     model_dir = packaged_model()

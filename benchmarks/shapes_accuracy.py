@@ -51,10 +51,10 @@ def main() -> int:
     args = p.parse_args()
 
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import load_spec
-    from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
+    from mllm_deploy.tools.evaluate import evaluate, load_eval_data
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm_deploy import __version__
-from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.formats.recipe import Recipe
 from mllm_deploy.core.errors import MllmError
 
 DATA_METHODS = ("vtw", "fitprune")
@@ -62,7 +62,7 @@ def _progress(total: int, desc: str, unit: str = "sample"):
 
 def calibrate(model: str, options: CalibOptions, log=print) -> Recipe:
     from mllm_deploy.calib import static_methods
-    from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.models.registry import load_spec
 
     started = time.perf_counter()
@@ -137,7 +137,7 @@ def _vtw(model, spec, inputs, options: CalibOptions, log) -> Recipe:
 
 def _fitprune(model, spec, inputs, options: CalibOptions, log) -> Recipe:
     from mllm_deploy.calib import fitprune
-    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.calib.reference import RecipeReference
 
     reference = RecipeReference(model, dense_recipe(spec))
@@ -161,7 +161,7 @@ def _fitprune(model, spec, inputs, options: CalibOptions, log) -> Recipe:
 def _check_mod_options(options: CalibOptions) -> tuple[str, list[int] | None]:
     """Every bad combination of MoD flags fails here, before any model is loaded."""
     from mllm_deploy.calib.mod import FIT_TARGETS, parse_plan
-    from mllm_deploy.calib.recipe import MOD_ROUTERS, MOD_SKIP_RULES
+    from mllm_deploy.formats.recipe import MOD_ROUTERS, MOD_SKIP_RULES
 
     kind, explicit = parse_plan(options.mod_plan)
     router = options.mod_router
@@ -202,7 +202,7 @@ def _mod(model_dir, spec, options: CalibOptions, provenance: dict, log) -> Recip
     inputs, reference = [], None
     if kind == "arank" or options.mod_router == "fitted":
         from mllm_deploy.calib.data import data_hash, load_calibration_data
-        from mllm_deploy.calib.recipe import dense_recipe
+        from mllm_deploy.formats.recipe import dense_recipe
         from mllm_deploy.calib.reference import RecipeReference
         from mllm_deploy.models.loading import load_hf_model
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.formats.recipe import save_recipe
 
     output = Path(args.output)
     if output.is_dir():

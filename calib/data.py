@@ -70,7 +70,7 @@ def _synthetic(count_text: str, seed: int) -> list[CalibSample]:
 
 
 def _shapes(rest: str) -> list[CalibSample]:
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
 
     split, _, count_text = rest.partition(":")
     if split not in shapes_vqa.SPLIT_SEEDS:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_deploy.calib.flops import fitprune_layer_macs
-from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.formats.flops import fitprune_layer_macs
+from mllm_deploy.formats.recipe import Recipe
 
 
 @dataclass

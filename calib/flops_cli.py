@@ -16,7 +16,7 @@ KV_DTYPE_BYTES = {"float16": 2, "float32": 4}
 
 def build_parser() -> argparse.ArgumentParser:
     # The formula registry is plain data (no torch), so the choices come from it directly.
-    from mllm_deploy.calib.flops import FORMULAS
+    from mllm_deploy.formats.flops import FORMULAS
 
     p = argparse.ArgumentParser(prog="flops-mllm", description=__doc__)
     p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory (config.json is enough) or a built-in name")
@@ -53,8 +53,8 @@ def _kv_summary(kv_bytes: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.calib.flops import prefill_cost
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.flops import prefill_cost
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.core.errors import MllmError
     from mllm_deploy.models.registry import load_spec
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_deploy.calib.recipe import Recipe, ScoreSpec, model_ref
+from mllm_deploy.formats.recipe import Recipe, ScoreSpec, model_ref
 from mllm_deploy.core.errors import MllmError
 
 PLANS = ("arank", "prd", "layers=...")

@@ -103,7 +103,7 @@ def read_trained_checkpoint(path: str | Path, layers: list[int], hidden: int) ->
     """Routers of a trained checkpoint in the documented layout, for the plan's routed layers."""
     from safetensors import safe_open
 
-    from mllm_deploy.calib.recipe import MOD_ROUTER_INPUTS, MOD_SELECTED_SCALES
+    from mllm_deploy.formats.recipe import MOD_ROUTER_INPUTS, MOD_SELECTED_SCALES
 
     path = Path(path)
     if not path.is_file():

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from mllm_deploy.calib import scoring
-from mllm_deploy.calib.recipe import Recipe, random_scores
+from mllm_deploy.formats.recipe import Recipe, random_scores
 
 # observer(layer, q, k, positions, vis_start, n_vis): sees each layer's post-RoPE q and
 # GQA-repeated k over the tokens the layer processes (calibration statistics hook).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mllm_deploy.calib.recipe import ScoreSpec
+from mllm_deploy.formats.recipe import ScoreSpec
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ They work from a ModelSpec alone (a directory holding only config.json), so a re
 
 from __future__ import annotations
 
-from mllm_deploy.calib.recipe import Recipe, ScoreSpec, dense_recipe, model_ref
+from mllm_deploy.formats.recipe import Recipe, ScoreSpec, dense_recipe, model_ref
 from mllm_deploy.core.errors import RecipeError
 
 FITPRUNE_SCORE = ScoreSpec(query_rows="visual_and_text", head_reduction="max", combine="self_times_cross")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_deploy.calib.recipe import Recipe, model_ref
+from mllm_deploy.formats.recipe import Recipe, model_ref
 
 
 def vtw_recipe_at(spec, k: int) -> Recipe:
@@ -32,7 +32,7 @@ def candidate_layers(num_layers: int, first: int = 5) -> list[int]:
 
 def kl_curve(model, spec, inputs: list, first_layer: int = 5, progress=None) -> dict[int, float]:
     """Mean KL(p_k || p_full) over the samples for each candidate withdrawal layer."""
-    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.calib.reference import RecipeReference
 
     dense = RecipeReference(model, dense_recipe(spec))

@@ -17,7 +17,7 @@ from mllm_deploy.core.fsutil import atomic_directory
 from mllm_deploy.core.errors import InputFileError, MllmError, UnsupportedModelError, VerificationError
 from mllm_deploy.models.loading import load_hf_model
 from mllm_deploy.models.registry import load_spec
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 SUPPORTED_OPSETS = range(17, 22)
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -135,7 +135,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if options.routing not in ("native", "plugin"):
         raise MllmError(f"--routing must be native or plugin, got {options.routing}")
     if options.check_trt:
-        from mllm_deploy.export.trt_check import load_support
+        from mllm_deploy.trt.check import load_support
 
         load_support(options.check_trt)  # an unknown version fails before any work
     if options.opset not in SUPPORTED_OPSETS:
@@ -149,7 +149,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if is_geometry_preset(model_dir):
         raise UnsupportedModelError(f"{model} is a geometry preset without weights (for flops-mllm, static"
                                     " calib-mllm methods and report estimates); export a real model directory")
-    from mllm_deploy.calib.recipe import dense_recipe, load_recipe
+    from mllm_deploy.formats.recipe import dense_recipe, load_recipe
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
@@ -198,7 +198,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
                     " no bundle written (--no-verify skips this check)"
                 )
         if options.check_trt:
-            from mllm_deploy.export.trt_check import check_bundle
+            from mllm_deploy.trt.check import check_bundle
 
             findings = [f for graph in check_bundle(tmp, options.check_trt).values() for f in graph]
             log(f"check-trt {options.check_trt}: {len(findings)} problems")

@@ -29,7 +29,7 @@ def _value_infos(values) -> list[dict]:
 
 
 def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
-    from mllm_deploy.export.trt_shape_inputs import shape_tensor_inputs
+    from mllm_deploy.trt.shape_inputs import shape_tensor_inputs
 
     custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
     return {

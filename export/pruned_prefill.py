@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
-from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.formats.recipe import Recipe
 from mllm_deploy.export import blocks, routing, text_graphs
 from mllm_deploy.export.graph import GraphBuilder
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 
 class PrefillBuilder:
@@ -74,7 +74,7 @@ class PrefillBuilder:
 
     def _random_scores(self, l: int, n_vis: int) -> str:
         """The random-selection baseline: a constant score vector, the same for every image."""
-        from mllm_deploy.calib.recipe import random_scores
+        from mllm_deploy.formats.recipe import random_scores
 
         return self.g.const(random_scores(self.recipe.score.seed, l, n_vis), name=f"random_scores.{l}")
 

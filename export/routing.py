@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from mllm_deploy.calib.recipe import ScoreSpec
+from mllm_deploy.formats.recipe import ScoreSpec
 from mllm_deploy.export import blocks
 from mllm_deploy.export.graph import GraphBuilder
 

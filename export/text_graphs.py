@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from mllm_deploy.export import blocks
 from mllm_deploy.export.graph import GraphBuilder
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -151,7 +151,7 @@ def rope_gather(g: GraphBuilder, tables: tuple[str, str], positions: str) -> tup
 def build_prefill_graph(g: GraphBuilder, spec: ModelSpec, w: dict, rope: tuple[np.ndarray, np.ndarray], ft: int,
                         recipe=None, routing: str = "native") -> None:
     """The prefill graph with the recipe applied (see export/pruned_prefill.py, export/mod_prefill.py)."""
-    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.export.pruned_prefill import PrefillBuilder
 
     recipe = recipe or dense_recipe(spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_deploy.core.compare import DEFAULT_TOLERANCES, Comparison, compare_outputs
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 DECODE_STEPS = 3
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from mllm_deploy.export import blocks
 from mllm_deploy.export.graph import GraphBuilder
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 
 def vision_layers_used(spec: ModelSpec) -> int:

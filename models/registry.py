@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mllm_deploy.core.errors import InputFileError
-from mllm_deploy.models.spec import ModelSpec, read_config, spec_from_config
+from mllm_deploy.formats.geometry import ModelSpec, read_config, spec_from_config
 
 GENERATED_MODELS: dict[str, str] = {
     # name -> "module:function(target_dir)" that writes a complete HF model directory

@@ -28,7 +28,7 @@ def build_word_tokenizer():
     """Word-level tokenizer over shapes-vqa's words and the chat template's words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    from mllm_deploy.datasets.shapes_vqa import vocabulary
+    from mllm_deploy.scenes.shapes_vqa import vocabulary
 
     words = SPECIAL_TOKENS + ["user", "assistant", ":"] + vocabulary()
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
@@ -103,6 +103,6 @@ def packaged_model(target=None) -> Path:
         from mllm_deploy.core.errors import MllmError
 
         raise MllmError(f"shapes-llava weights are missing from {PACKAGED_DIR}; train them with "
-                        "`python -m mllm_deploy.models.shapes_train`")
+                        "`python -m mllm_deploy.tools.shapes_train`")
     return PACKAGED_DIR
 

@@ -35,7 +35,7 @@ class Bundle:
         return {"inputs": entry["inputs"], "outputs": entry["outputs"]}
 
     def shape_inputs(self, graph: str) -> list[str] | None:
-        """Inputs TensorRT reads as shape tensors (export/trt_shape_inputs.py); None for bundles that predate the field."""
+        """Inputs TensorRT reads as shape tensors (trt/shape_inputs.py); None for bundles that predate the field."""
         found = self.manifest["graphs"][graph].get("shape_inputs")
         return None if found is None else list(found)
 
@@ -124,7 +124,7 @@ def _expected_io(num_layers: int) -> dict[str, tuple[set[str], set[str]]]:
 
 
 def _check_model(manifest: dict) -> None:
-    from mllm_deploy.models.spec import spec_from_manifest
+    from mllm_deploy.formats.geometry import spec_from_manifest
 
     model = _object(manifest, "model")
     text = model.get("text")
@@ -144,7 +144,7 @@ def _check_model(manifest: dict) -> None:
 
 
 def _check_recipe(manifest: dict) -> None:
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
 
     try:
         recipe = Recipe.from_dict(manifest.get("recipe"))

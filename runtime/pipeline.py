@@ -75,7 +75,7 @@ class Pipeline:
     def memory_estimate(self, prompt_tokens: int, max_new_tokens: int):
         """Weights + KV cache + activations of one request of this length (core/memory.py)."""
         from mllm_deploy.core.memory import runtime_estimate
-        from mllm_deploy.models.spec import spec_from_manifest
+        from mllm_deploy.formats.geometry import spec_from_manifest
 
         spec = spec_from_manifest(self.bundle.manifest["model"])
         dtype_bytes = 2 if self.bundle.dtype == "float16" else 4

@@ -7,7 +7,7 @@ rules of the real API (TensorRT 10.3-11.x Python bindings, NvInferRuntime.h):
 
 - the ONNX parser marks an input a *shape tensor* when its integer values reach a shape slot; the
   fake decides this on its own, by plain integer dataflow over ONNX shape inference, not with the
-  product's analysis (export/trt_shape_inputs.py), so the two can disagree in a test;
+  product's analysis (trt/shape_inputs.py), so the two can disagree in a test;
 - ``build_serialized_network`` fails, with TensorRT's message, when a profile gives no dimensions for a
   dynamic input or no values for a shape-tensor input (``set_shape_input``), or values out of order;
 - the parser finds a routing plugin only when a library registering it was loaded; loading plugin

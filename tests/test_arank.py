@@ -46,7 +46,7 @@ def test_plans():
 def test_collect_arank_on_a_tiny_model(tiny_model_dirs):
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.export.verify import sample_inputs
     from mllm_deploy.models.registry import load_spec

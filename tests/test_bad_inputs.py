@@ -55,7 +55,7 @@ class Ctx:
         return path
 
     def recipe(self, model: Path | None = None, **changes) -> Path:
-        from mllm_deploy.calib.recipe import dense_recipe
+        from mllm_deploy.formats.recipe import dense_recipe
         from mllm_deploy.models.registry import load_spec
 
         d = dense_recipe(load_spec(str(model or self.model))[1]).to_dict()

@@ -74,7 +74,7 @@ def test_bench_torch_backend_gives_the_same_schema(tiny_bundles, tmp_path):
 
 
 def test_routing_share_of_a_profile():
-    from mllm_deploy.runtime.bench_worker import routing_share_of_profile
+    from mllm_deploy.tools.bench_worker import routing_share_of_profile
 
     events = [
         {"cat": "Node", "name": "/model/layers.1/rank/VisualScore/Softmax_kernel_time", "dur": 10, "args": {}},
@@ -135,7 +135,7 @@ def test_report_from_eval_alone(tmp_path):
 
 
 def test_devices_table_has_numbers_and_sources():
-    from mllm_deploy.runtime.report import DEVICES_FILE, load_devices
+    from mllm_deploy.tools.report import DEVICES_FILE, load_devices
 
     devices = load_devices()
     assert {d.id for d in devices} == {"jetson-orin-nano-8gb-super", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
@@ -152,7 +152,7 @@ def test_devices_table_has_numbers_and_sources():
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
-    from mllm_deploy.runtime.report import Device, roofline
+    from mllm_deploy.tools.report import Device, roofline
 
     result = {"prefill_flops": 2e12, "new_tokens": 10, "kv_tokens_per_layer": [100, 50],
               "model": {"num_kv_heads": 1, "head_dim": 4, "num_layers": 2, "text_params": 2e9,
@@ -188,10 +188,10 @@ def test_bench_refuses_bad_input_with_one_line(tmp_path, tiny_bundles):
         assert len(lines) == 1 and lines[0].startswith("bench-mllm: error:"), proc.stderr
 
 
-@pytest.mark.parametrize("module", ["mllm_deploy.runtime.bench_cli", "mllm_deploy.runtime.report_cli"])
+@pytest.mark.parametrize("module", ["mllm_deploy.tools.bench_cli", "mllm_deploy.tools.report_cli"])
 def test_help_imports_no_torch(module):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import mllm_deploy.runtime.bench, mllm_deploy.runtime.report\n"
+            "import mllm_deploy.tools.bench, mllm_deploy.tools.report\n"
             f"import {module} as m\n"
             "try:\n    m.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "print([n for n in ('torch', 'transformers', 'onnxruntime', 'matplotlib') if sys.modules.get(n)])")

@@ -16,7 +16,7 @@ PUBLISHED_FITPRUNE_50 = [3, 7, 49, 24, 29, 17, 59, 41, 26, 8, 10, 6, 2, 5, 7, 2,
 def calib(model_dir, out, *args):
     proc = run_cli("calib-mllm", "--model", str(model_dir), "-o", str(out), *args)
     assert proc.returncode == 0, proc.stderr
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.models.registry import load_spec
 
     return load_recipe(out, load_spec(str(model_dir))[1])
@@ -45,7 +45,7 @@ def test_vtw_recipe_follows_its_kl_curve(tiny_model_dirs, tmp_path):
 
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_fitprune_meets_budget(tiny_model_dirs, tmp_path, budget):
-    from mllm_deploy.calib.flops import prefill_cost
+    from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.models.registry import load_spec
 
     model = tiny_model_dirs["gqa56"]
@@ -116,7 +116,7 @@ def test_calibration_is_deterministic(tiny_model_dirs, tmp_path):
 def test_dense_reference_generates_like_hf(tiny_model_dirs, name):
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_deploy.calib.recipe import dense_recipe
+    from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.export.verify import sample_inputs
     from mllm_deploy.models.registry import load_spec
@@ -169,7 +169,7 @@ def test_skip_bad_skips_and_reports(tiny_model_dirs, tmp_path):
 
 
 def test_mismatched_recipe_is_refused(tiny_model_dirs, tmp_path):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.core.errors import RecipeError
     from mllm_deploy.models.registry import load_spec
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_image, run_cli
 from mllm_deploy.core.errors import MllmError
-from mllm_deploy.runtime.evaluate import load_eval_data, normalise, wilson_interval
+from mllm_deploy.tools.evaluate import load_eval_data, normalise, wilson_interval
 
 
 def test_wilson_interval_known_values():

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import LLAVA15_7B_CONFIG, METHODS, run_cli
 
-from mllm_deploy.calib.flops import FORMULAS, prefill_cost
-from mllm_deploy.calib.recipe import Recipe, ScoreSpec, model_ref
+from mllm_deploy.formats.flops import FORMULAS, prefill_cost
+from mllm_deploy.formats.recipe import Recipe, ScoreSpec, model_ref
 from mllm_deploy.core.errors import MllmError
-from mllm_deploy.models.spec import read_config, spec_from_config
+from mllm_deploy.formats.geometry import read_config, spec_from_config
 
 LLAVA_15_7B = LLAVA15_7B_CONFIG
 # FitPrune's published 50% recipe for LLaVA-1.5-7B: tokens removed after each layer's attention.
@@ -208,7 +208,7 @@ def test_exact_formula_equals_exported_prefill_matmuls(tiny_bundles, tiny_model_
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_exact_formula_equals_pruned_prefill_matmuls(method, pruned_bundles, recipes, tiny_model_dirs, tmp_path):
     """The ranking products, PyramidDrop's ranking projections and the smaller layers are all counted."""
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
 
     spec = spec_from_config(read_config(tiny_model_dirs["gqa56"]))
     recipe = load_recipe(recipes["gqa56", method], spec)

@@ -14,7 +14,7 @@ def test_fp16_bundle_agrees_with_fp32(tiny_model_dirs, tiny_bundles, tmp_path):
     fp16 = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "fp16", ExportOptions(dtype="float16"), log=lambda m: None)
     prefill = onnx.load(fp16 / "prefill.onnx", load_external_data=False)
     assert {i.name: i.type.tensor_type.elem_type for i in prefill.graph.input}["image_features"] == onnx.TensorProto.FLOAT16
-    from mllm_deploy.export.trt_check import check_bundle
+    from mllm_deploy.trt.check import check_bundle
 
     for version in ("10.16", "11.4"):  # TensorRT 11 networks are strongly typed: the graph itself is fp16
         assert all(not findings for findings in check_bundle(fp16, version).values())

@@ -113,7 +113,7 @@ def _broken_text(valid: str):
 
 # ---- recipes -----------------------------------------------------------------------------------------
 def _recipes() -> list[dict]:
-    from mllm_deploy.calib.recipe import ModelRef, Recipe, ScoreSpec
+    from mllm_deploy.formats.recipe import ModelRef, Recipe, ScoreSpec
 
     model = ModelRef("LlavaForConditionalGeneration", 4, 128, 64, "f" * 64)
     dense = Recipe(model, {"name": "dense"}, [64] * 4)
@@ -130,7 +130,7 @@ RECIPES = _recipes()
 
 def _use_recipe(recipe) -> None:
     """What exporters, flops-mllm and the runtime read from an accepted recipe."""
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
 
     assert recipe.prune_layers is not None and len(recipe.mlp_visual_tokens()) == recipe.num_layers
     assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
@@ -139,7 +139,7 @@ def _use_recipe(recipe) -> None:
 @FUZZ
 @given(st.sampled_from(RECIPES).flatmap(lambda base: mutated(base)))
 def test_recipe_from_dict_mutations(doc):
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
 
     try:
         recipe = Recipe.from_dict(doc)
@@ -152,7 +152,7 @@ def test_recipe_from_dict_mutations(doc):
 @FUZZ
 @given(JSON)
 def test_recipe_from_any_json(doc):
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
 
     with pytest.raises(MllmError, match=r"\S"):
         Recipe.from_dict(doc)
@@ -161,7 +161,7 @@ def test_recipe_from_any_json(doc):
 @FUZZ
 @given(st.sampled_from(RECIPES).flatmap(lambda base: _broken_text(json.dumps(base))))
 def test_recipe_file_bytes(data):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
 
     path = WORK / "recipe.json"
     path.write_bytes(data)
@@ -176,7 +176,7 @@ def test_recipe_file_bytes(data):
 # ---- model config.json ---------------------------------------------------------------------------
 def _tiny_config() -> dict:
     from mllm_deploy.models.registry import resolve_model
-    from mllm_deploy.models.spec import read_config
+    from mllm_deploy.formats.geometry import read_config
 
     return read_config(resolve_model("tiny-llava"))
 
@@ -188,7 +188,7 @@ CONFIG = _tiny_config()
 @given(mutated(CONFIG) | JSON)
 def test_model_config_mutations(doc):
     """A config.json of the wrong shape is refused as an unsupported model, whatever is wrong."""
-    from mllm_deploy.models.spec import spec_from_config
+    from mllm_deploy.formats.geometry import spec_from_config
 
     try:
         spec = spec_from_config(doc)

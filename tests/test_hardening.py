@@ -210,7 +210,7 @@ def test_available_memory_reads_meminfo(tmp_path):
 
 def test_estimate_terms(pipe):
     from mllm_deploy.core.memory import MemoryEstimate, kv_cache_bytes, text_parameters
-    from mllm_deploy.models.spec import spec_from_manifest
+    from mllm_deploy.formats.geometry import spec_from_manifest
 
     spec = spec_from_manifest(pipe.bundle.manifest["model"])
     t = spec.text

@@ -62,7 +62,7 @@ def _options(config: str, router: str, work, spec) -> dict:
 @pytest.fixture(scope="module")
 def mod_recipes(tiny_model_dirs, tmp_path_factory):
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.models.registry import load_spec
 
     out = {}
@@ -108,7 +108,7 @@ def hf_models(tiny_model_dirs):
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_mod_bundle_generates_like_reference(config, router, routing, mod_bundles, mod_recipes, hf_models, tmp_path):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.runtime.pipeline import Pipeline
 
@@ -128,7 +128,7 @@ def test_mod_bundle_generates_like_reference(config, router, routing, mod_bundle
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_mod_kv_lengths_are_capacity_plus_text(config, router, mod_bundles, mod_recipes, tmp_path):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.runtime.pipeline import Pipeline
 
     recipe = load_recipe(mod_recipes[config, router])
@@ -151,8 +151,8 @@ def test_mod_kv_lengths_are_capacity_plus_text(config, router, mod_bundles, mod_
 def test_plugin_and_native_graphs(mod_bundles, mod_recipes):
     """Plugin MoD graphs route with TokenSelect + TokenScatter (and VisualScore for the attention
     router) only; native graphs with standard ops only; both pass the TensorRT parser checks."""
-    from mllm_deploy.calib.recipe import load_recipe
-    from mllm_deploy.export.trt_check import check_bundle
+    from mllm_deploy.formats.recipe import load_recipe
+    from mllm_deploy.trt.check import check_bundle
     from mllm_deploy.plugins.schemas import register_schemas
 
     register_schemas()
@@ -179,8 +179,8 @@ def test_plugin_and_native_graphs(mod_bundles, mod_recipes):
 def test_exact_flops_equal_mod_prefill_matmuls(router, mod_bundles, mod_recipes, tiny_model_dirs, tmp_path):
     from test_flops import matmul_flops_of_prefill
 
-    from mllm_deploy.calib.flops import prefill_cost
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.flops import prefill_cost
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.models.registry import load_spec
 
     spec = load_spec(str(tiny_model_dirs["gqa56"]))[1]
@@ -193,7 +193,7 @@ def test_exact_flops_equal_mod_prefill_matmuls(router, mod_bundles, mod_recipes,
 
 # ---- recipes and routers ----------------------------------------------------------------------------
 def test_fitted_recipe_records_arank_and_fit_quality(mod_recipes):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
 
     recipe = load_recipe(mod_recipes["gqa56", "fitted"])
     table = recipe.mod["arank"]
@@ -214,7 +214,7 @@ def test_trained_checkpoint_round_trip(tiny_model_dirs, hf_models, tmp_path):
     """A gamma-MoD checkpoint in the documented layout, through calib-mllm: the recipe's router file holds
     W[1] - W[0], and the reference processes exactly the top-k tokens of gamma-MoD's p = softmax(W x)[1]."""
     from mllm_deploy.calib.mod_routers import recipe_routers
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.core.errors import RecipeError
     from mllm_deploy.export.verify import sample_inputs
@@ -293,7 +293,7 @@ def test_skipped_tokens_pass_through_or_scale(skip, tiny_model_dirs, hf_models):
 
 
 def test_recipe_validation(mod_recipes):
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
     from mllm_deploy.core.errors import RecipeError
 
     data = json.loads(mod_recipes["gqa56", "attention"].read_text())

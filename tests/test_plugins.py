@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper
 
 from mllm_deploy.calib import scoring
-from mllm_deploy.calib.recipe import ScoreSpec
+from mllm_deploy.formats.recipe import ScoreSpec
 from mllm_deploy.calib.reference import RecipeReference
 from mllm_deploy.export.graph import GraphBuilder, WeightStore
 from mllm_deploy.plugins import ort_kernels

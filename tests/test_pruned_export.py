@@ -29,7 +29,7 @@ def hf_models(tiny_model_dirs):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_pruned_bundle_generates_like_reference(config, method, routing, pruned_bundles, recipes, hf_models, tmp_path):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.runtime.pipeline import Pipeline
 
@@ -50,7 +50,7 @@ def test_pruned_bundle_generates_like_reference(config, method, routing, pruned_
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_kv_lengths_follow_the_recipe(method, pruned_bundles, recipes, tmp_path):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.runtime.pipeline import Pipeline
 
     bundle = pruned_bundles("gqa56", method, "native")
@@ -94,7 +94,7 @@ def _tensor_shapes(bundle, ids_len: int, image_start: int, n_visual: int, hidden
 def test_routing_forms_no_extra_attention_maps(method, pruned_bundles, recipes):
     """Only the main attention (and its mask) hold square [T, T] maps; a ranking holds [H, rows, T]
     with one row for FastV/PyramidDrop and the visual + text rows for FitPrune."""
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
 
     recipe = load_recipe(recipes["gqa56", method])
     n, before, after = recipe.model.visual_tokens, 7, 10  # odd lengths: no clash with head_dim or hidden
@@ -134,7 +134,7 @@ def test_dense_graph_has_no_routing(tiny_bundles):
 
 
 def test_plugin_bundle_uses_one_node_per_routing_step(pruned_bundles, recipes):
-    from mllm_deploy.calib.recipe import load_recipe
+    from mllm_deploy.formats.recipe import load_recipe
 
     recipe = load_recipe(recipes["gqa56", "fitprune"])
     path = pruned_bundles("gqa56", "fitprune", "plugin") / "prefill.onnx"
@@ -156,7 +156,7 @@ def test_plugin_bundle_uses_one_node_per_routing_step(pruned_bundles, recipes):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_pruned_bundles_pass_tensorrt_checks(config, method, routing, pruned_bundles):
-    from mllm_deploy.export.trt_check import check_bundle, inspect_bundle
+    from mllm_deploy.trt.check import check_bundle, inspect_bundle
 
     bundle = pruned_bundles(config, method, routing)
     for version in ("10.16", "11.4"):
@@ -198,7 +198,7 @@ def test_random_selection_baseline(base, routing, tiny_model_dirs, hf_models, tm
                            log=lambda m: None)
     model = onnx.load(bundle / "prefill.onnx", load_external_data=False)
     assert not [n for n in model.graph.node if "VisualScore" in n.name or n.op_type == "VisualScore"]
-    from mllm_deploy.export.trt_check import check_bundle
+    from mllm_deploy.trt.check import check_bundle
 
     assert all(not findings for findings in check_bundle(bundle, "11.4").values())
     with Pipeline.load(bundle) as pipe:

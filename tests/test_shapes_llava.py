@@ -26,7 +26,7 @@ def shapes_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_items():
-    from mllm_deploy.runtime.evaluate import load_eval_data
+    from mllm_deploy.tools.evaluate import load_eval_data
 
     return load_eval_data(f"shapes-vqa:test:{QUESTIONS}")
 
@@ -46,7 +46,7 @@ def test_packaged_model_is_a_small_hf_directory_with_its_training_log():
 
 
 def test_dense_bundle_answers_the_test_split(shapes_bundle, test_items):
-    from mllm_deploy.runtime.evaluate import evaluate
+    from mllm_deploy.tools.evaluate import evaluate
 
     [result] = evaluate([str(shapes_bundle)], test_items)
     assert result.accuracy >= 0.95, f"{result.accuracy:.1%} on {QUESTIONS} test questions"
@@ -56,7 +56,7 @@ def test_a_blank_image_brings_accuracy_down_to_chance(shapes_bundle, test_items)
     """Same bundle, same questions, every image replaced by an empty background."""
     from PIL import Image
 
-    from mllm_deploy.runtime.evaluate import EvalItem, evaluate
+    from mllm_deploy.tools.evaluate import EvalItem, evaluate
 
     blank = Image.new("RGB", test_items[0].image.size, (208, 208, 208))
     items = [EvalItem(blank, item.question, item.answer, item.source) for item in test_items]
@@ -65,7 +65,7 @@ def test_a_blank_image_brings_accuracy_down_to_chance(shapes_bundle, test_items)
 
 
 def test_run_mllm_answers_a_test_scene_by_name(tmp_path, shapes_bundle):
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
 
     right = 0
     for index in range(6):  # one question of each kind

@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.shapes_llava import write_untrained
-    from mllm_deploy.models.shapes_train import make_conversation_batch, prompt_builder
+    from mllm_deploy.tools.shapes_train import make_conversation_batch, prompt_builder
     from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
 
     model_dir = write_untrained(tmp_path_factory.mktemp("shapes") / "init")
@@ -46,8 +46,8 @@ def test_answer_sites_sit_before_each_answer(batch):
 
 
 def test_probe_targets_name_what_the_question_and_scene_say():
-    from mllm_deploy.datasets.shapes_vqa import SceneObject
-    from mllm_deploy.models.shapes_train import IGNORE, query_targets, readout_targets
+    from mllm_deploy.scenes.shapes_vqa import SceneObject
+    from mllm_deploy.tools.shapes_train import IGNORE, query_targets, readout_targets
 
     # kind, colour, shape, colour2, shape2, row, column; the last class of a slot means "not named"
     assert query_targets("is the red circle left of the blue square ?", "left_of") == [2, 0, 0, 2, 1, 4, 4]
@@ -67,7 +67,7 @@ def test_look_loss_uses_the_attention_the_model_computes(batch, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from mllm_deploy.models.shapes_llava import write_untrained
-    from mllm_deploy.models.shapes_train import answer_attention_logits, look_loss
+    from mllm_deploy.tools.shapes_train import answer_attention_logits, look_loss
 
     builder, scenes, (ids, mask, target, _weight, pixels, sites) = batch
     model = LlavaForConditionalGeneration.from_pretrained(write_untrained(tmp_path / "m", seed=1),
@@ -102,9 +102,9 @@ def test_each_segment_computes_what_its_inference_prompt_computes(tmp_path):
     position equal those of the question asked alone, the way run-mllm asks it."""
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.shapes_llava import write_untrained
-    from mllm_deploy.models.shapes_train import make_batch, make_segment_batch, prompt_builder
+    from mllm_deploy.tools.shapes_train import make_batch, make_segment_batch, prompt_builder
     from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
 
     model_dir = write_untrained(tmp_path / "m", seed=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mllm_deploy.datasets import shapes_vqa
+from mllm_deploy.scenes import shapes_vqa
 
 
 def test_examples_are_deterministic_and_independent():

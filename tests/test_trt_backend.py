@@ -1,4 +1,4 @@
-"""build-mllm and the TensorRT backend (runtime/backends/trt.py) against a TensorRT stand-in that refuses
+"""build-mllm and the TensorRT backend (trt/backend.py) against a TensorRT stand-in that refuses
 what TensorRT refuses (tests/fake_tensorrt.py): profiles without values for a shape-tensor input, a shape
 tensor bound to device memory, unbound inputs, a plugin library registered twice.
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from fake_tensorrt import FakeCudart, FakeTensorRT, integer_shape_inputs
-from mllm_deploy.core import trt_env
+from mllm_deploy.trt import env as trt_env
 from mllm_deploy.core.errors import BundleError, MllmError
-from mllm_deploy.export.trt_build import TIMING_CACHE_FILE, BuildOptions, build_engines
-from mllm_deploy.export.trt_profiles import PRESETS
+from mllm_deploy.trt.build import TIMING_CACHE_FILE, BuildOptions, build_engines
+from mllm_deploy.trt.profiles import PRESETS
 from mllm_deploy.runtime.bundle import load_bundle
 
 FAKE_GPU = ("Fake GPU", "8.7")
@@ -44,7 +44,7 @@ def fake_trt(monkeypatch, tmp_path):
 def mod_recipe(tiny_model_dirs, tmp_path_factory):
     """Mixture-of-depths with attention routers on layers 1-3 (no calibration data needed)."""
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.formats.recipe import save_recipe
 
     recipe = calibrate(str(tiny_model_dirs["gqa56"]), CalibOptions(method="mod", mod_plan="layers=1,2,3",
                                                                    mod_capacity=[0.5], mod_router="attention"),
@@ -94,7 +94,7 @@ def _build(bundle, fake, **changes):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_bundle_builds_with_shape_values_and_runs_like_onnxruntime(kind, tiny_bundles, pruned_bundles,
                                                                         mod_bundles, tmp_path, fake_trt):
-    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = _bundle(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path)
@@ -140,7 +140,7 @@ def test_todays_profile_and_binding_fail_on_the_stricter_fake(tiny_bundles, tmp_
     assert builder.build_serialized_network(network, config) is None
     assert logger_errors == ["image_start: optimization profile is missing values for shape input"]
 
-    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     _build(bundle, fake_trt)
@@ -200,7 +200,7 @@ def test_timing_cache_is_kept_across_rebuilds(tiny_bundles, tmp_path, fake_trt):
 
 
 def test_decode_copies_only_new_kv_slots(tiny_bundles, tmp_path, fake_trt):
-    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
@@ -235,7 +235,7 @@ def test_stale_engine_and_missing_engines_are_refused(tiny_bundles, tmp_path, fa
 
 
 def test_prompt_longer_than_the_profile_is_refused(tiny_bundles, tmp_path, fake_trt):
-    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
@@ -249,7 +249,7 @@ def test_prompt_longer_than_the_profile_is_refused(tiny_bundles, tmp_path, fake_
 
 def test_verify_compares_benchmarks_and_reports(tiny_bundles, tmp_path, fake_trt, monkeypatch):
     """build-mllm --verify's steps on the fake target: TensorRT (here ORT underneath) agrees with ONNX Runtime."""
-    from mllm_deploy.runtime import trt_verify
+    from mllm_deploy.trt import verify as trt_verify
 
     monkeypatch.setattr(trt_verify, "check_kernels",
                         lambda plugins, log: trt_verify.Check("plugin kernels", "skip", "no plugins in this bundle"))
@@ -269,7 +269,7 @@ def test_a_plugin_library_built_for_another_tensorrt_major_is_refused(tmp_path, 
     """11.x changed the logger ABI: a library compiled against 11.x headers must not load into TensorRT 10."""
     import subprocess
 
-    from mllm_deploy.core.trt_env import plugin_library_tensorrt_major
+    from mllm_deploy.trt.env import plugin_library_tensorrt_major
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
@@ -307,7 +307,7 @@ def test_selection_comparator_tells_a_tie_from_a_mismatch():
 
 
 def test_verify_checks_token_selection_of_a_pruned_bundle(pruned_bundles, tmp_path, fake_trt, monkeypatch):
-    from mllm_deploy.runtime import trt_verify
+    from mllm_deploy.trt import verify as trt_verify
 
     monkeypatch.setattr(trt_verify, "check_kernels",
                         lambda plugins, log: trt_verify.Check("plugin kernels", "skip", "no plugins"))

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import make_image, run_cli
-from mllm_deploy.core.engines import (ENGINES_SCHEMA, INDEX_FILE, TRT_DTYPES, check_fresh, engine_key, make_index,
+from mllm_deploy.trt.engines import (ENGINES_SCHEMA, INDEX_FILE, TRT_DTYPES, check_fresh, engine_key, make_index,
                                       map_tensors, read_index, stale_fields)
 from mllm_deploy.core.errors import BundleError, MllmError
-from mllm_deploy.export.trt_build import (BuildOptions, check_plugins, planned_keys, plugin_graphs, precision_plan,
+from mllm_deploy.trt.build import (BuildOptions, check_plugins, planned_keys, plugin_graphs, precision_plan,
                                           up_to_date)
-from mllm_deploy.export.trt_profiles import (PRESETS, all_profiles, all_shape_values, dim_ranges, graph_profile,
+from mllm_deploy.trt.profiles import (PRESETS, all_profiles, all_shape_values, dim_ranges, graph_profile,
                                              profile_settings)
 from mllm_deploy.runtime.bundle import load_bundle
-from mllm_deploy.runtime.trt_plan import changed_rows, choose_profile, kv_lengths, plan_kv, plan_kv_from_profile
+from mllm_deploy.trt.plan import changed_rows, choose_profile, kv_lengths, plan_kv, plan_kv_from_profile
 
 MACHINE = dict(tensorrt="10.3.0.30", gpu="Orin", compute_capability="8.7")
 
@@ -318,7 +318,7 @@ def test_check_trt_passes_plugin_routed_bundles_with_plugins_recognised(bundles)
 # ---- on a machine with TensorRT -----------------------------------------------------------------------------
 def _tensorrt_or_skip():
     from mllm_deploy.core.errors import DependencyError
-    from mllm_deploy.core.trt_env import import_tensorrt, query_gpu
+    from mllm_deploy.trt.env import import_tensorrt, query_gpu
 
     try:
         import_tensorrt()

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_cli
-from mllm_deploy.export.trt_check import (RESTRICTION_KEYS, SUPPORTED_TRT_VERSIONS, check_bundle, check_graph,
+from mllm_deploy.trt.check import (RESTRICTION_KEYS, SUPPORTED_TRT_VERSIONS, check_bundle, check_graph,
                                           load_support)
 
 VERSIONS = ("10.3", "10.16", "11.4")

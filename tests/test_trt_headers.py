@@ -195,7 +195,7 @@ def test_exports_entry_points_and_kernel_c_abi(built):
     assert not missing, f"{built.label}: not exported: {missing}\n--- log tail\n{built.tail()}"
     not_code = {n: defined[n] for n in expected if defined[n] not in ("T", "t")}
     assert not not_code, f"{built.label}: exported but not as functions: {not_code}"
-    from mllm_deploy.core.trt_env import plugin_library_tensorrt_major
+    from mllm_deploy.trt.env import plugin_library_tensorrt_major
 
     # what build-mllm reads before loading the library (11.x changed the logger ABI)
     assert plugin_library_tensorrt_major(built.library) == int(built.version.split(".")[0]), built.label

@@ -11,7 +11,7 @@ from mllm_deploy.core.errors import MllmError
 
 BACKENDS = {
     "onnxruntime": "mllm_deploy.runtime.backends.ort:OrtRunner",
-    "tensorrt": "mllm_deploy.runtime.backends.trt:TrtRunner",
+    "tensorrt": "mllm_deploy.trt.backend:TrtRunner",
 }
 
 

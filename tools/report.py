@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mllm_deploy.core.errors import InputFileError, MllmError
 from mllm_deploy.core.jsonio import read_json
-from mllm_deploy.runtime.bench import BENCH_SCHEMA, speedups, visual_summary
+from mllm_deploy.tools.bench import BENCH_SCHEMA, speedups, visual_summary
 
 EVAL_SCHEMA = "mllm-deploy/eval@1"
 DEVICES_FILE = Path(__file__).with_name("devices.json")
@@ -125,7 +125,7 @@ def machine_line(payload: dict) -> str:
 
 
 def bench_section(path: Path, payload: dict, out_dir: Path, suffix: str) -> list[Block]:
-    from mllm_deploy.runtime import report_plots as plots
+    from mllm_deploy.tools import report_plots as plots
 
     results = payload["results"]
     latency, cost = [], []
@@ -167,7 +167,7 @@ def bench_section(path: Path, payload: dict, out_dir: Path, suffix: str) -> list
 
 
 def eval_section(inputs: Inputs, out_dir: Path) -> list[Block]:
-    from mllm_deploy.runtime import report_plots as plots
+    from mllm_deploy.tools import report_plots as plots
 
     blocks: list[Block] = [("h2", "Accuracy")]
     series = []

@@ -1,4 +1,4 @@
-"""Train shapes-llava on shapes-vqa: ``python -m mllm_deploy.models.shapes_train [--steps N] [--resume]``.
+"""Train shapes-llava on shapes-vqa: ``python -m mllm_deploy.tools.shapes_train [--steps N] [--resume]``.
 
 Seeded and resumable: batch b is scenes [b*B, (b+1)*B) of the train split, so a resumed run
 sees exactly the data an uninterrupted one would.
@@ -98,7 +98,7 @@ QUERY_SLOTS = ("kind", "colour", "shape", "colour2", "shape2", "row", "column")
 
 
 def _query_sizes():
-    from mllm_deploy.datasets import shapes_vqa as sv
+    from mllm_deploy.scenes import shapes_vqa as sv
 
     # one extra class per slot for "the question does not name it"
     return (len(sv.QUESTION_TYPES), len(sv.COLOURS) + 1, len(sv.SHAPES) + 1, len(sv.COLOURS) + 1,
@@ -106,7 +106,7 @@ def _query_sizes():
 
 
 def _readout_sizes():
-    from mllm_deploy.datasets import shapes_vqa as sv
+    from mllm_deploy.scenes import shapes_vqa as sv
 
     # asked-about object: colour, shape, row, column; second object: row, column
     return (len(sv.COLOURS), len(sv.SHAPES), sv.GRID, sv.GRID, sv.GRID, sv.GRID)
@@ -115,7 +115,7 @@ def _readout_sizes():
 def query_targets(question: str, kind: str) -> list[int]:
     """What the question names, read off its words: kind, first and second colour and shape, grid
     row and column (the last class of each slot: not named). Target of the training-only query probe."""
-    from mllm_deploy.datasets import shapes_vqa as sv
+    from mllm_deploy.scenes import shapes_vqa as sv
 
     words = question.split()
     colours = [list(sv.COLOURS).index(w) for w in words if w in sv.COLOURS]
@@ -135,7 +135,7 @@ def query_targets(question: str, kind: str) -> list[int]:
 def readout_targets(refs) -> list[int]:
     """Attributes of the object a question asks about (when it names exactly one) and the grid place
     of the second object named (IGNORE where there is none): target of the readout probe."""
-    from mllm_deploy.datasets import shapes_vqa as sv
+    from mllm_deploy.scenes import shapes_vqa as sv
 
     first = [o for o, role in refs if role == 1]
     second = [o for o, role in refs if role == 2]
@@ -184,7 +184,7 @@ def make_conversation_batch(scenes, builder, image_config, eos_id: int, pad_id: 
     import numpy as np
     import torch
 
-    from mllm_deploy.datasets.shapes_vqa import CAPTION_PROMPT
+    from mllm_deploy.scenes.shapes_vqa import CAPTION_PROMPT
     from mllm_deploy.runtime.preprocess import preprocess
 
     def ids(text: str) -> list[int]:
@@ -227,7 +227,7 @@ def make_segment_batch(scenes, builder, image_config, eos_id: int, pad_id: int, 
     import numpy as np
     import torch
 
-    from mllm_deploy.datasets.shapes_vqa import CAPTION_PROMPT
+    from mllm_deploy.scenes.shapes_vqa import CAPTION_PROMPT
     from mllm_deploy.runtime.preprocess import preprocess
 
     image_id = builder.image_token_id
@@ -381,7 +381,7 @@ class PatchHeads:
     def __init__(self, hidden: int, patches_per_side: int, grid: int, cell_weight: float = 0.0):
         import torch
 
-        from mllm_deploy.datasets import shapes_vqa
+        from mllm_deploy.scenes import shapes_vqa
 
         self.classes = 1 + len(shapes_vqa.COLOURS) * len(shapes_vqa.SHAPES)
         self.cell_weight = cell_weight  # > 0: also the class of the object in the patch's grid cell
@@ -439,7 +439,7 @@ def answer_accuracy(model, examples, builder, image_config, eos_id: int, pad_id:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mllm_deploy.models.shapes_train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mllm_deploy.tools.shapes_train", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=16, help="scenes per step (about 6 questions each, more with --drill)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -479,7 +479,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_deploy.datasets import shapes_vqa
+    from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.shapes_llava import GEOMETRY, PACKAGED_DIR, write_untrained
     from mllm_deploy.runtime.preprocess import ImagePreprocessConfig, preprocess
 

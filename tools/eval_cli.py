@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.errors import MllmError
     from mllm_deploy.runtime.bundle import load_bundle
-    from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
+    from mllm_deploy.tools.evaluate import evaluate, load_eval_data
 
     if args.max_new_tokens < 1:
         raise MllmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -1,6 +1,6 @@
 """bench-mllm's work: latency, memory and FLOPs of bundles, each measured in its own process.
 
-One child process per (bundle, backend) runs :mod:`mllm_deploy.runtime.bench_worker`, so peak
+One child process per (bundle, backend) runs :mod:`mllm_deploy.tools.bench_worker`, so peak
 host RSS is that bundle's alone and one bundle's allocator state cannot slow the next. Results
 follow schema ``mllm-deploy/bench@1``; speedups are ratios to the dense bundle measured in the
 same run on the same backend (DESIGN.md, measurement rules). Importing this module imports no
@@ -86,9 +86,9 @@ def machine_info() -> dict:
 
 def run_worker(bundle: str, backend: str, settings: BenchSettings, tick: Callable[[], None]) -> dict:
     """Measure one bundle on one backend in a child process; its stderr ticks drive the progress bar."""
-    from mllm_deploy.runtime.bench_worker import PROGRESS_MARK
+    from mllm_deploy.tools.bench_worker import PROGRESS_MARK
 
-    command = [sys.executable, "-m", "mllm_deploy.runtime.bench_worker", str(bundle), "--backend", backend,
+    command = [sys.executable, "-m", "mllm_deploy.tools.bench_worker", str(bundle), "--backend", backend,
                "--new-tokens", str(settings.new_tokens), "--repeats", str(settings.repeats),
                "--warmup", str(settings.warmup)]
     if settings.prompt_tokens is not None:

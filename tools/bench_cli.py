@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.runtime.bench import BenchSettings, markdown_table, run_bench, write_json
+    from mllm_deploy.tools.bench import BenchSettings, markdown_table, run_bench, write_json
 
     backends = tuple(dict.fromkeys(args.backends or ["onnxruntime"]))  # repeated flags once each, in order
     settings = BenchSettings(backends=backends, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm_deploy.runtime.bench import speedups, visual_summary
+from mllm_deploy.tools.bench import speedups, visual_summary
 
 FIGSIZE = (9.0, 4.6)
 DPI = 110

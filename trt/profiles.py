@@ -8,7 +8,7 @@ tokens + recipe.visual_tokens[l]``, plus the decode headroom the runtime allocat
 tokens), so pruned layers get shorter ranges. The vision graph is static.
 
 Inputs that TensorRT reads as shape tensors (the manifest's ``graphs.<g>.shape_inputs``, found by
-export/trt_shape_inputs.py) need min/opt/max *values* as well: ``image_start`` spans 0 (image
+trt/shape_inputs.py) need min/opt/max *values* as well: ``image_start`` spans 0 (image
 first) to the longest prompt minus the visual tokens (everything else before the image).
 """
 

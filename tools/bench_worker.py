@@ -1,6 +1,6 @@
 """One bench-mllm measurement in its own process, so that peak host RSS belongs to this bundle alone.
 
-    python -m mllm_deploy.runtime.bench_worker BUNDLE --backend onnxruntime --prompt-tokens N ...
+    python -m mllm_deploy.tools.bench_worker BUNDLE --backend onnxruntime --prompt-tokens N ...
 
 Prints one JSON line (a result of schema ``mllm-deploy/bench@1``) on stdout; progress ticks go to
 stderr as ``PROGRESS_MARK`` lines that the parent turns into its progress bar. Errors follow the
@@ -91,9 +91,9 @@ def text_params(text: dict) -> tuple[int, int]:
 
 def static_facts(bundle, prompt_tokens: int) -> dict:
     """Fields that follow from the manifest alone: recipe, FLOPs, model size."""
-    from mllm_deploy.calib.flops import prefill_cost
-    from mllm_deploy.calib.recipe import Recipe
-    from mllm_deploy.models.spec import spec_from_manifest
+    from mllm_deploy.formats.flops import prefill_cost
+    from mllm_deploy.formats.recipe import Recipe
+    from mllm_deploy.formats.geometry import spec_from_manifest
 
     manifest = bundle.manifest
     spec = spec_from_manifest(manifest["model"])
@@ -214,7 +214,7 @@ def measure_onnxruntime(bundle, ids: np.ndarray, pixels: np.ndarray, new_tokens:
 
 
 def _gpu_name() -> str:
-    from mllm_deploy.core.trt_env import query_gpu
+    from mllm_deploy.trt.env import query_gpu
 
     name, capability = query_gpu()
     return f"{name} (sm_{capability.replace('.', '')})"
@@ -233,7 +233,7 @@ def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_token
     if backend in ("onnxruntime", "tensorrt"):
         raw = measure_onnxruntime(bundle, ids, pixels, new_tokens, repeats, warmup, tick, backend)
     elif backend == "torch":
-        from mllm_deploy.runtime.bench_torch import measure_torch  # the only path that imports torch
+        from mllm_deploy.tools.bench_torch import measure_torch  # the only path that imports torch
 
         raw = measure_torch(bundle, ids, pixels, new_tokens, repeats, warmup, tick)
     else:

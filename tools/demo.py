@@ -43,10 +43,10 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from mllm_deploy.calib.calibrate import CalibOptions, calibrate
-    from mllm_deploy.calib.recipe import save_recipe
+    from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import cache_dir, load_spec
-    from mllm_deploy.runtime.evaluate import evaluate, load_eval_data
+    from mllm_deploy.tools.evaluate import evaluate, load_eval_data
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)

@@ -1,7 +1,7 @@
 """check-trt-mllm: check a bundle's ONNX graphs against one TensorRT version's ONNX parser, statically.
 
 Exit 0 when no problem is found, 1 when there are findings (or on a user error). Needs neither
-TensorRT nor a GPU: the operator tables come from onnx-tensorrt's operators.md (export/trt_support/).
+TensorRT nor a GPU: the operator tables come from onnx-tensorrt's operators.md (trt/support/).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory written by export-mllm")
     # No argparse choices: an unknown version is a user error with the known list on one line.
     p.add_argument("--trt", required=True, metavar="VERSION",
-                   help="TensorRT version to check against (tables in export/trt_support: e.g. 10.3, 10.16, 11.4)")
+                   help="TensorRT version to check against (tables in trt/support: e.g. 10.3, 10.16, 11.4)")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of lines")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.export.trt_check import inspect_bundle, load_support
+    from mllm_deploy.trt.check import inspect_bundle, load_support
 
     support = load_support(args.trt)
     report = inspect_bundle(args.bundle, args.trt)
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if support.get("caveat"):
         # The table for this version is reconstructed from the nearest one found; say so once.
         print(f"{PROG}: note: the TensorRT {args.trt} operator table is approximate "
-              "(see export/trt_support/README.md)", file=sys.stderr)
+              "(see trt/support/README.md)", file=sys.stderr)
     for graph, names in shape_inputs.items():
         print(f"{PROG}: note: {graph} input{'s' if len(names) > 1 else ''} {', '.join(names)}: TensorRT shape tensor "
               "(build-mllm gives it profile values; bound in host memory)", file=sys.stderr)

@@ -101,7 +101,7 @@ def compare_selections(ref, trt, ids: np.ndarray, features: np.ndarray, toleranc
 def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plugins: Path | None,
                      log: Callable[[str], None]) -> list[Check]:
     """TensorRT vs ONNX Runtime, stage by stage; each stage gets the reference's inputs so errors do not compound."""
-    from mllm_deploy.runtime.bench_worker import synthetic_inputs
+    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     half = precision != "float32" or bundle.dtype == "float16"
@@ -154,7 +154,7 @@ def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plu
 
 
 def benchmark(bundle_path: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> Check:
-    from mllm_deploy.runtime.bench_worker import measure
+    from mllm_deploy.tools.bench_worker import measure
 
     result = measure(str(bundle_path), "tensorrt", prompt_tokens, new_tokens, repeats, warmup=1)
     decode, ttft = result["decode_ms_per_token"], result["ttft_ms"]
@@ -176,7 +176,7 @@ def markdown(payload: dict) -> str:
 def verify(bundle, build, *, precision: str, prompt_tokens: int | None = None, steps: int = 8, repeats: int = 5,
            log: Callable[[str], None] = print) -> dict:
     """Run every check and write the report beside the engines; VerificationError when one fails."""
-    from mllm_deploy.core.trt_env import import_tensorrt, query_gpu
+    from mllm_deploy.trt.env import import_tensorrt, query_gpu
 
     trt = import_tensorrt()
     gpu, capability = query_gpu()

@@ -2,7 +2,7 @@
 
 Only tensorrt and cuda-python (``cuda.bindings``) are imported, and only at ``activate()``: no torch.
 Per graph: the engine is refused unless its cache key still matches the bundle, the TensorRT
-version and the GPU (``core/engines.py``); the routing plugin library is loaded first when the
+version and the GPU (``trt/engines.py``); the routing plugin library is loaded first when the
 graph has plugin nodes (the copy build-mllm keeps in ``engines/``, or ``plugins=`` /
 ``$MLLM_DEPLOY_TRT_PLUGINS``); one execution context per optimisation profile; device buffers
 grow to the largest shape seen and are reused; ``execute_async_v3`` on the runner's stream.
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_deploy.core.engines import INDEX_FILE, check_fresh, engines_dir, map_tensors, read_index
+from mllm_deploy.trt.engines import INDEX_FILE, check_fresh, engines_dir, map_tensors, read_index
 from mllm_deploy.core.errors import BundleError, InputFileError, MllmError
 from mllm_deploy.core.hashing import sha256_file
 from mllm_deploy.core.jsonio import read_json
 from mllm_deploy.runtime.backends.base import NP_DTYPES, Runner
-from mllm_deploy.runtime.trt_plan import changed_rows, choose_profile, plan_kv_from_profile
+from mllm_deploy.trt.plan import changed_rows, choose_profile, plan_kv_from_profile
 
 PAST = re.compile(r"^past\.(\d+)\.(key|value)$")
 
@@ -79,7 +79,7 @@ class TrtRunner(Runner):
 
     # ---- CUDA helpers ----------------------------------------------------------------------------------
     def _call(self, result, what: str):
-        from mllm_deploy.core.trt_env import cuda_call
+        from mllm_deploy.trt.env import cuda_call
 
         return cuda_call(self.cudart, result, what)
 
@@ -110,7 +110,7 @@ class TrtRunner(Runner):
 
     # ---- Runner ----------------------------------------------------------------------------------------
     def activate_impl(self) -> None:
-        from mllm_deploy.core.trt_env import import_cudart, import_tensorrt, query_gpu
+        from mllm_deploy.trt.env import import_cudart, import_tensorrt, query_gpu
 
         self.trt, self.cudart = import_tensorrt(), import_cudart()
         trt = self.trt
@@ -127,7 +127,7 @@ class TrtRunner(Runner):
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         if plugins is not None:
-            from mllm_deploy.core.trt_env import load_plugin_library
+            from mllm_deploy.trt.env import load_plugin_library
 
             load_plugin_library(trt, runtime.get_plugin_registry(), plugins)
         self._runtime = runtime

@@ -3,13 +3,13 @@
 Per graph: one engine with one optimisation profile (prefill: the prompt-length range; decode:
 input length 1 and each layer's KV capacity range; vision: static), the routing plugins loaded
 from ``--plugins`` when the graph has ``mllm_deploy`` nodes, and a cache key
-(``core/engines.py``) in ``engines/index.json``. Precision: TensorRT 11 networks are strongly
+(``trt/engines.py``) in ``engines/index.json``. Precision: TensorRT 11 networks are strongly
 typed (the bundle's dtype is the engine's: export FP16 graphs as FP16); TensorRT 10 builds
 float16 bundles strongly typed too, and float32 bundles either exactly (TF32 off) or with the
 FP16 builder flag (``--fp16``). The engines directory is written to a temporary folder and
 renamed, so a failed build leaves the previous engines (or none) in place.
 
-TensorRT and cuda-python are imported only when a build starts (``core/trt_env.py``).
+TensorRT and cuda-python are imported only when a build starts (``trt/env.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mllm_deploy.core.engines import (GRAPHS, INDEX_FILE, EngineKey, engine_file, engine_key, engines_dir, make_index,
+from mllm_deploy.trt.engines import (GRAPHS, INDEX_FILE, EngineKey, engine_file, engine_key, engines_dir, make_index,
                                       map_tensors, read_index)
 from mllm_deploy.core.errors import BundleError, InputFileError, MllmError
 from mllm_deploy.core.fsutil import atomic_directory, atomic_write_text
 from mllm_deploy.core.hashing import sha256_file
-from mllm_deploy.export.trt_profiles import DEFAULT_PRESET, PRESETS, all_profiles, all_shape_values, profile_settings
+from mllm_deploy.trt.profiles import DEFAULT_PRESET, PRESETS, all_profiles, all_shape_values, profile_settings
 
 PLUGIN_FILE = "libmllm_deploy_trt_plugins.so"  # the copy kept beside the engines
 TIMING_CACHE_FILE = "timing.cache"  # TensorRT's tactic timings, kept across rebuilds (seconds instead of minutes)
@@ -110,7 +110,7 @@ def planned_keys(manifest: Mapping[str, Any], options: BuildOptions, *, tensorrt
         raise MllmError(f"unknown --preset {options.preset!r}; choose from {', '.join(PRESETS)}")
     if options.workspace_mb is not None and options.workspace_mb < 64:
         raise MllmError(f"--workspace must be at least 64 MB, got {options.workspace_mb}")
-    from mllm_deploy.core.trt_env import tensorrt_major
+    from mllm_deploy.trt.env import tensorrt_major
 
     precision = precision_plan(str(manifest["dtype"]), tensorrt_major(tensorrt), options.fp16)
     settings = profile_settings(manifest, PRESETS[options.preset], max_prompt_tokens=options.max_prompt_tokens,
@@ -214,7 +214,7 @@ def make_progress_monitor(trt, log: Callable[[str], None], graph: str):
 def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], key: EngineKey,
                plugins: Path | None, timing_cache: bytes, log: Callable[[str], None]) -> tuple[bytes, bytes]:
     """(serialized engine, serialized timing cache) of one graph."""
-    from mllm_deploy.core.trt_env import load_plugin_library
+    from mllm_deploy.trt.env import load_plugin_library
 
     builder = trt.Builder(logger)
     if plugins is not None:
@@ -268,7 +268,7 @@ def _build_one(trt, logger, graph: str, onnx_path: Path, io: Mapping[str, Any], 
 def build_engines(bundle_dir: str | Path, manifest: Mapping[str, Any], options: BuildOptions,
                   log: Callable[[str], None] = print, verbose: bool = False) -> BuildResult:
     """Build (or keep, when up to date and not ``force``) the engines of a bundle whose files were checked."""
-    from mllm_deploy.core.trt_env import import_tensorrt, query_gpu
+    from mllm_deploy.trt.env import import_tensorrt, query_gpu
 
     bundle_dir = Path(bundle_dir)
     trt = import_tensorrt()  # fails with one line before anything is written

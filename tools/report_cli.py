@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.errors import DependencyError
-    from mllm_deploy.runtime.report import write_report
+    from mllm_deploy.tools.report import write_report
 
     try:
         import matplotlib  # noqa: F401 - only to give a clear message before any work

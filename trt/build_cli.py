@@ -15,7 +15,7 @@ from pathlib import Path
 from mllm_deploy.core import cli
 
 PROG = "build-mllm"
-PRESET_NAMES = ("jetson-orin-nano", "jetson-agx-orin", "jetson-thor", "datacenter")  # export/trt_profiles.PRESETS
+PRESET_NAMES = ("jetson-orin-nano", "jetson-agx-orin", "jetson-thor", "datacenter")  # trt/profiles.PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def chat_image_start(bundle) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.errors import MllmError
-    from mllm_deploy.export.trt_build import BuildOptions, build_engines
+    from mllm_deploy.trt.build import BuildOptions, build_engines
     from mllm_deploy.runtime.bundle import load_bundle
 
     if args.verify_steps < 2:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     result = build_engines(bundle.path, bundle.manifest, options, log=log, verbose=args.verbose)
     print(f"{PROG}: engines {'written to' if result.rebuilt else 'kept in'} {result.engines_dir}")
     if args.verify:
-        from mllm_deploy.runtime.trt_verify import verify
+        from mllm_deploy.trt.verify import verify
 
         payload = verify(bundle, result, precision=result.keys[0].settings["precision"], steps=args.verify_steps,
                          log=log)

@@ -22,9 +22,9 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mllm_deploy.calib.recipe import Recipe
+from mllm_deploy.formats.recipe import Recipe
 from mllm_deploy.core.errors import MllmError, RecipeError
-from mllm_deploy.models.spec import ModelSpec
+from mllm_deploy.formats.geometry import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from mllm_deploy.core.errors import BundleError, DependencyError
 
 
 def _load_reference(bundle, device: str, dtype):
-    from mllm_deploy.calib.recipe import Recipe
+    from mllm_deploy.formats.recipe import Recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.models.loading import load_hf_model
     from mllm_deploy.models.registry import resolve_model
-    from mllm_deploy.models.spec import read_config, spec_from_config
+    from mllm_deploy.formats.geometry import read_config, spec_from_config
 
     source = bundle.manifest.get("source_model")
     if not source:

@@ -2,8 +2,8 @@
 
 TensorRT cannot be installed on this project's build machines (DESIGN.md), so the strongest
 proxy for "will the ONNX parser of TensorRT X take this graph" is a walk over every node against
-the operator table of that version (``trt_support/trt-<version>.json``, built from onnx-tensorrt's
-``docs/operators.md``; see ``trt_support/README.md``) plus the restrictions DESIGN.md lists
+the operator table of that version (``trt/support/trt-<version>.json``, built from onnx-tensorrt's
+``docs/operators.md``; see ``trt/support/README.md``) plus the restrictions DESIGN.md lists
 (TopK sorted/K, scatter reductions, float-only CumSum, data-dependent shapes) and the plugin
 attributes the parser needs to find our routing plugins.
 
@@ -24,7 +24,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from mllm_deploy.core.errors import BundleError, MllmError
 
-SUPPORT_DIR = Path(__file__).with_name("trt_support")
+SUPPORT_DIR = Path(__file__).with_name("support")
 PLUGIN_DOMAIN = "mllm_deploy"
 PLUGIN_ATTRIBUTES = ("plugin_version", "plugin_namespace")
 TOPK_K_LIMIT = 3840
@@ -72,7 +72,7 @@ class Finding:
 
 @functools.lru_cache(maxsize=None)
 def load_support(trt_version: str) -> dict[str, Any]:
-    """The operator table of one TensorRT version (see trt_support/README.md)."""
+    """The operator table of one TensorRT version (see trt/support/README.md)."""
     if trt_version not in SUPPORTED_TRT_VERSIONS:
         raise TensorRTVersionError(f"no operator table for TensorRT {trt_version!r}; "
                                    f"known versions: {', '.join(SUPPORTED_TRT_VERSIONS)}")
@@ -318,8 +318,8 @@ class BundleReport:
 
 def _shape_input_findings(graph: str, model: onnx.ModelProto) -> tuple[list[str], list[Finding]]:
     """The graph's shape-tensor inputs, and a finding for each that build-mllm could not give a value range."""
-    from mllm_deploy.export.trt_profiles import SHAPE_INPUT_VALUES
-    from mllm_deploy.export.trt_shape_inputs import shape_slot_path, shape_tensor_inputs
+    from mllm_deploy.trt.profiles import SHAPE_INPUT_VALUES
+    from mllm_deploy.trt.shape_inputs import shape_slot_path, shape_tensor_inputs
 
     names = shape_tensor_inputs(model)
     findings = []

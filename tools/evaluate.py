@@ -55,7 +55,7 @@ class BundleResult:
 def load_eval_data(spec: str) -> list[EvalItem]:
     """``shapes-vqa[:split][:N]`` (default split test, N 500) or a JSONL of image/question/answer."""
     if spec.split(":")[0] == "shapes-vqa":
-        from mllm_deploy.datasets import shapes_vqa
+        from mllm_deploy.scenes import shapes_vqa
 
         parts = spec.split(":")[1:]
         split, count = "test", DEFAULT_SHAPES_COUNT
@@ -118,9 +118,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _flops_reduction(manifest: dict, prompt_tokens: float, image_start: float) -> float:
-    from mllm_deploy.calib.flops import prefill_cost
-    from mllm_deploy.calib.recipe import Recipe
-    from mllm_deploy.models.spec import spec_from_manifest
+    from mllm_deploy.formats.flops import prefill_cost
+    from mllm_deploy.formats.recipe import Recipe
+    from mllm_deploy.formats.geometry import spec_from_manifest
 
     spec = spec_from_manifest(manifest["model"])
     recipe = Recipe.from_dict(manifest["recipe"])

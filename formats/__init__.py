@@ -1,0 +1,1 @@
+"""Torch-free formats every layer shares: recipe, FLOPs model, model geometry, bundle manifest, image config."""
