@@ -1,8 +1,11 @@
 """The fused routing kernels (plugins/cuda) against the PyTorch ops they replace, on a GPU.
 
     .venv/bin/python benchmarks/plugin_kernels.py [--library LIB] [--dtype float16] [--repeats 7] [--json OUT]
+                                                   [--n-vis 576] [--text 59]
 
-Shapes are LLaVA-1.5-7B's: 576 visual tokens, 32 heads of 128, hidden 4096, a 640-token prompt.
+Shapes are LLaVA-1.5-7B's: 576 visual tokens, 32 heads of 128, hidden 4096, a 640-token prompt
+(--n-vis 2880 for LLaVA-NeXT's image, --text for a longer prompt: T = 5 + n_vis + text; the
+PyTorch VisualScore holds [32, rows, T] float32 logits, 2 GB at T = 4,096 for FitPrune's rows).
 Per op: the kernel through its C ABI (an nvcc build for this GPU, or --library, e.g. the TensorRT
 plugin library) and the PyTorch spelling of the same step (TopK + sort + index_select for
 TokenSelect; matmul, mask, softmax and reductions for VisualScore; mul + index_copy for
@@ -28,6 +31,13 @@ from mllm_deploy.plugins.kernels import RoutingKernels, build_cuda_library, buil
 
 HEADS, HEAD_DIM, HIDDEN, N_VIS, PREFIX, TEXT = 32, 128, 4096, 576, 5, 59
 SEQ = PREFIX + N_VIS + TEXT
+
+
+def set_sizes(n_vis: int, text: int) -> None:
+    """Token counts of the benchmark (module-level: the PyTorch spellings below read them)."""
+    global N_VIS, TEXT, SEQ
+    N_VIS, TEXT = n_vis, text
+    SEQ = PREFIX + N_VIS + TEXT
 
 
 def time_launches(launch, sync, launches: int, repeats: int) -> float:
@@ -91,9 +101,12 @@ def main() -> int:
     p.add_argument("--launches", type=int, default=50)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", dest="json_out")
+    p.add_argument("--n-vis", type=int, default=N_VIS, help="visual tokens (576: LLaVA-1.5, 2880: LLaVA-NeXT)")
+    p.add_argument("--text", type=int, default=TEXT, help="text tokens after the image")
     p.add_argument("--host", action="store_true",
                    help="run the host reference build instead (checks this script without a GPU; CPU times)")
     args = p.parse_args()
+    set_sizes(args.n_vis, args.text)
     if args.host:
         kernels = RoutingKernels(build_host_library())
     else:
@@ -163,7 +176,7 @@ def main() -> int:
         gpu = "the host reference build and PyTorch on the CPU (a check of this script, not a measurement)"
     else:
         gpu = torch.cuda.get_device_name() if torch is not None else "CUDA GPU"
-    print(f"routing kernels vs PyTorch on {gpu}, {args.dtype}, LLaVA-1.5-7B shapes (T={SEQ}, N={N_VIS})")
+    print(f"routing kernels vs PyTorch on {gpu}, {args.dtype}, LLaVA-1.5-7B heads (T={SEQ}, N={N_VIS})")
     print("| op | kernel ms | torch ms | torch / kernel |")
     print("|---|---|---|---|")
     for r in results:
@@ -171,7 +184,8 @@ def main() -> int:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         print(f"| {r['op']} | {r['kernel_ms']:.4f} | {torch_ms} | {speed} |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
+        report = {"gpu": gpu, "seq": SEQ, "n_vis": N_VIS, "results": results}
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
     return 0
 
 

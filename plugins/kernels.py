@@ -162,6 +162,31 @@ _SIGNATURES = {
     "mllm_visual_score": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _I32, _F32, _I32, _P, _P],
                           _I32),
 }
+# Exported by the host reference build only: VisualScore with a caller-chosen tiling.
+_HOST_ONLY_SIGNATURES = {
+    "mllm_visual_score_host_tiled": (_SIGNATURES["mllm_visual_score"][0] + [_I64] * 5, _I32),
+}
+TILING_FIELDS = ("row_tile", "key_tile", "dim_chunk", "head_batch", "target_blocks")
+
+
+def header_constants(prefix: str = "MLLM_VISUAL_SCORE_") -> dict[str, int]:
+    """Integer ``#define``s of routing_kernels.h starting with ``prefix`` (name without it -> value).
+
+    The VisualScore tiling lives there; benchmarks/visual_score_cost.py reads it from here so its
+    estimates follow the kernel.
+    """
+    found = {}
+    for line in (CUDA_DIR / HEADERS[0]).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith(prefix) and parts[2].isdigit():
+            found[parts[1][len(prefix):]] = int(parts[2])
+    return found
+
+
+def kernel_tiling() -> dict[str, int]:
+    """The VisualScore tiling the CUDA kernel is compiled with (row_tile, key_tile, ...)."""
+    constants = header_constants()
+    return {field: constants[field.upper()] for field in TILING_FIELDS}
 
 
 class KernelError(MllmError):
@@ -187,6 +212,9 @@ class RoutingKernels:
             if function is None:
                 raise DependencyError(f"{library} does not export {name}; is it a routing kernel library?")
             function.argtypes, function.restype = argtypes, restype
+        self.host_tiled = getattr(self.lib, "mllm_visual_score_host_tiled", None)
+        if self.host_tiled is not None:
+            self.host_tiled.argtypes, self.host_tiled.restype = _HOST_ONLY_SIGNATURES["mllm_visual_score_host_tiled"]
         self.library = Path(library)
         self.is_cuda = bool(self.lib.mllm_is_cuda_build())
         self._live: list[_Buffer] = []
@@ -276,7 +304,11 @@ class RoutingKernels:
         return launch, collect
 
     def prepare_visual_score(self, q, k, positions, vis_start, *, n_vis: int, query_rows: str, head_reduction: str,
-                             combine: str, scale: float):
+                             combine: str, scale: float, tiling: dict[str, int] | None = None):
+        """``tiling`` (host build only): {row_tile, key_tile, dim_chunk, head_batch, target_blocks} to use
+        instead of the kernel's own (see :func:`kernel_tiling`)."""
+        if tiling is not None and self.host_tiled is None:
+            raise KernelError(f"{self.library.name} has no mllm_visual_score_host_tiled (host reference build only)")
         _, heads, q_len, head_dim = (int(d) for d in q.shape)
         _, kv_heads, seq_len, _ = (int(d) for d in k.shape)
         dtype = self._dtype(q)
@@ -287,9 +319,12 @@ class RoutingKernels:
         enums = (QUERY_ROWS.index(query_rows), HEAD_REDUCTIONS.index(head_reduction), COMBINES.index(combine))
 
         def launch() -> None:
-            self._check(self.lib.mllm_visual_score(*(b.ptr for b in ins), out.ptr, heads, kv_heads, q_len, seq_len,
-                                                   head_dim, n_vis, *enums, float(scale), dtype, workspace.ptr, None),
-                        "visual_score")
+            args = (*(b.ptr for b in ins), out.ptr, heads, kv_heads, q_len, seq_len, head_dim, n_vis, *enums,
+                    float(scale), dtype, workspace.ptr, None)
+            if tiling is None:
+                self._check(self.lib.mllm_visual_score(*args), "visual_score")
+            else:
+                self._check(self.host_tiled(*args, *(int(tiling[f]) for f in TILING_FIELDS)), "visual_score")
 
         def collect():
             self.synchronize()
@@ -313,6 +348,7 @@ class RoutingKernels:
         return self._once(self.prepare_token_scatter(base, updates, rows, skip_scale))
 
     def visual_score(self, q, k, positions, vis_start, *, n_vis: int, query_rows: str, head_reduction: str,
-                     combine: str, scale: float, **_plugin_attrs):
+                     combine: str, scale: float, tiling: dict[str, int] | None = None, **_plugin_attrs):
         return self._once(self.prepare_visual_score(q, k, positions, vis_start, n_vis=n_vis, query_rows=query_rows,
-                                                    head_reduction=head_reduction, combine=combine, scale=scale))
+                                                    head_reduction=head_reduction, combine=combine, scale=scale,
+                                                    tiling=tiling))

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace
@@ -159,65 +160,162 @@ MLLM_API int32_t mllm_token_scatter(void const* base, void const* updates, int64
 // ---- VisualScore ------------------------------------------------------------------------------------
 MLLM_API size_t mllm_visual_score_workspace(int64_t q_len, int64_t n_vis)
 {
-    return (size_t) q_len * (size_t) n_vis * sizeof(float);
+    return (size_t) mllm::visual_workspace_floats(q_len, n_vis) * sizeof(float);
 }
 
-MLLM_API int32_t mllm_visual_score(void const* q, void const* k, int64_t const* positions,
+MLLM_API int32_t mllm_visual_score_host_tiled(void const* q, void const* k, int64_t const* positions,
     int64_t const* vis_start, float* scores, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t seq_len,
     int64_t head_dim, int64_t n_vis, int32_t query_rows, int32_t head_reduction, int32_t combine, float scale,
-    int32_t dtype, void* workspace, void* /*stream*/)
+    int32_t dtype, void* workspace, void* /*stream*/, int64_t row_tile, int64_t key_tile, int64_t dim_chunk,
+    int64_t head_batch, int64_t target_blocks)
 {
     if (mllm::check_visual_score(
             heads, kv_heads, q_len, seq_len, head_dim, n_vis, query_rows, head_reduction, combine, dtype)
         != MLLM_OK)
         return fail(MLLM_ERR_ARGUMENT, "visual_score: bad sizes, attributes or dtype");
+    if (row_tile < 1 || key_tile < 1 || dim_chunk < 1 || head_batch < 1 || target_blocks < 1)
+        return fail(MLLM_ERR_ARGUMENT, "visual_score: tile sizes must be positive");
     int64_t const start = mllm::clamp_vis_start(vis_start[0], n_vis, seq_len);
     int64_t const first = mllm::first_scored_row(query_rows, start, n_vis, seq_len, q_len);
-    int64_t const first_in_q = seq_len - q_len;
     int64_t const rows = seq_len - first;
     int64_t const groups = heads / kv_heads;
-    float* reduced = static_cast<float*>(workspace); // [rows, n_vis]
-    std::vector<float> logits((size_t) seq_len);
-    // kernel A: one block per query row; heads in order, softmax over all keys, visual columns kept
-    for (int64_t r = 0; r < rows; ++r)
-    {
-        int64_t const row = first + r;
-        int64_t const q_row = row - first_in_q;
-        for (int64_t h = 0; h < heads; ++h)
+    float* partial = static_cast<float*>(workspace); // [splits, rows, n_vis]
+    int64_t const heads_per_split = mllm::visual_heads_per_split(heads, rows, q_len, row_tile, target_blocks);
+    int64_t const row_tiles = rows > 0 ? mllm::ceil_div(rows, row_tile) : 0;
+    int64_t const splits = mllm::ceil_div(heads, heads_per_split);
+
+    // What one GPU block holds: staged chunks of q rows and keys ("shared memory"), its dot products
+    // and the pass 1 statistics of a batch of heads.
+    std::vector<float> q_stage((size_t) (row_tile * dim_chunk)), k_stage((size_t) (key_tile * dim_chunk));
+    std::vector<float> dots((size_t) (row_tile * key_tile));
+    std::vector<float> stat_max((size_t) (head_batch * row_tile)), stat_sum((size_t) (head_batch * row_tile));
+    std::vector<char> visible((size_t) (row_tile * key_tile));
+    std::vector<int64_t> row_position((size_t) row_tile);
+
+    // dots[r, j] = q row (q_row0 + r) of head h . key (key0 + j) of kv head kv, chunk by chunk
+    auto tile_dots = [&](int64_t h, int64_t q_row0, int64_t rows_here, int64_t kv, int64_t key0, int64_t keys_here) {
+        std::fill(dots.begin(), dots.end(), 0.0f);
+        for (int64_t d0 = 0; d0 < head_dim; d0 += dim_chunk)
         {
-            int64_t const kv_head = h / groups;
-            int64_t const q_base = (h * q_len + q_row) * head_dim;
-            float row_max = -INFINITY;
-            for (int64_t t = 0; t < seq_len; ++t)
+            int64_t const width = head_dim - d0 < dim_chunk ? head_dim - d0 : dim_chunk;
+            for (int64_t r = 0; r < rows_here; ++r)
+                for (int64_t d = 0; d < width; ++d)
+                    q_stage[(size_t) (r * dim_chunk + d)]
+                        = mllm::load_float(q, (h * q_len + q_row0 + r) * head_dim + d0 + d, dtype);
+            for (int64_t j = 0; j < keys_here; ++j)
+                for (int64_t d = 0; d < width; ++d)
+                    k_stage[(size_t) (j * dim_chunk + d)]
+                        = mllm::load_float(k, (kv * seq_len + key0 + j) * head_dim + d0 + d, dtype);
+            for (int64_t r = 0; r < rows_here; ++r)
+                for (int64_t j = 0; j < keys_here; ++j)
+                {
+                    float const* qr = &q_stage[(size_t) (r * dim_chunk)];
+                    float const* kj = &k_stage[(size_t) (j * dim_chunk)];
+                    float dot = dots[(size_t) (r * key_tile + j)];
+                    for (int64_t d = 0; d < width; ++d)
+                        dot += qr[d] * kj[d];
+                    dots[(size_t) (r * key_tile + j)] = dot;
+                }
+        }
+    };
+    // marks the visible pairs of a tile of keys [key0, key0 + keys_here); true if there is one
+    auto mark_visible = [&](int64_t rows_here, int64_t key0, int64_t keys_here) {
+        bool live = false;
+        for (int64_t r = 0; r < row_tile; ++r)
+            for (int64_t j = 0; j < key_tile; ++j)
             {
-                int64_t const k_base = (kv_head * seq_len + t) * head_dim;
-                float dot = 0.0f;
-                for (int64_t d = 0; d < head_dim; ++d)
-                    dot += mllm::load_float(q, q_base + d, dtype) * mllm::load_float(k, k_base + d, dtype);
-                float const logit = mllm::is_future(positions[t], positions[row]) ? -INFINITY : dot * scale;
-                logits[(size_t) t] = logit;
-                row_max = logit > row_max ? logit : row_max;
+                bool const row_valid = r < rows_here, key_valid = j < keys_here;
+                int64_t const key_position = key_valid ? positions[key0 + j] : 0;
+                bool const v = mllm::pair_visible(
+                    row_valid, key_valid, key_position, row_valid ? row_position[(size_t) r] : 0);
+                visible[(size_t) (r * key_tile + j)] = v;
+                live = live || v;
             }
-            float total = 0.0f;
-            for (int64_t t = 0; t < seq_len; ++t)
-                total += expf(logits[(size_t) t] - row_max);
-            for (int64_t i = 0; i < n_vis; ++i)
+        return live;
+    };
+
+    // the blocks of the GPU grid, in the same decoding (mllm::visual_grid_blocks)
+    int64_t const blocks = mllm::visual_grid_blocks(q_len, row_tile, target_blocks);
+    for (int64_t block = 0; block < blocks; ++block)
+    {
+        if (block >= row_tiles * splits)
+            break;
+        int64_t const split = block / row_tiles;
+        int64_t const tile_row0 = (block % row_tiles) * row_tile;
+        int64_t const head_begin = split * heads_per_split;
+        int64_t const head_end = head_begin + heads_per_split < heads ? head_begin + heads_per_split : heads;
+        int64_t const rows_here = rows - tile_row0 < row_tile ? rows - tile_row0 : row_tile;
+        int64_t const q_row0 = first + tile_row0 - (seq_len - q_len);
+        for (int64_t r = 0; r < row_tile; ++r)
+            row_position[(size_t) r] = r < rows_here ? positions[first + tile_row0 + r] : 0;
+        for (int64_t batch = head_begin; batch < head_end; batch += head_batch)
+        {
+            int64_t const batch_end = batch + head_batch < head_end ? batch + head_batch : head_end;
+            // pass 1: online softmax max and sum over all key tiles
+            for (int64_t h = batch; h < batch_end; ++h)
             {
-                float const probability = expf(logits[(size_t) (start + i)] - row_max) / total;
-                float& slot = reduced[r * n_vis + i];
-                slot = mllm::reduce_heads(slot, probability, (int32_t) h, head_reduction);
+                float* run_max = &stat_max[(size_t) ((h - batch) * row_tile)];
+                float* run_sum = &stat_sum[(size_t) ((h - batch) * row_tile)];
+                std::fill(run_max, run_max + row_tile, -INFINITY);
+                std::fill(run_sum, run_sum + row_tile, 0.0f);
+                for (int64_t key0 = 0; key0 < seq_len; key0 += key_tile)
+                {
+                    int64_t const keys_here = seq_len - key0 < key_tile ? seq_len - key0 : key_tile;
+                    if (!mark_visible(rows_here, key0, keys_here))
+                        continue; // every pair masked
+                    tile_dots(h, q_row0, rows_here, h / groups, key0, keys_here);
+                    for (int64_t r = 0; r < rows_here; ++r)
+                    {
+                        float tile_max = -INFINITY;
+                        for (int64_t j = 0; j < keys_here; ++j)
+                            tile_max = mllm::larger(tile_max, mllm::visual_logit(dots[(size_t) (r * key_tile + j)],
+                                scale, visible[(size_t) (r * key_tile + j)]));
+                        float tile_sum = 0.0f;
+                        for (int64_t j = 0; j < keys_here; ++j)
+                            tile_sum += mllm::tile_exp(mllm::visual_logit(dots[(size_t) (r * key_tile + j)], scale,
+                                visible[(size_t) (r * key_tile + j)]), tile_max);
+                        mllm::softmax_merge(run_max[r], run_sum[r], tile_max, tile_sum);
+                    }
+                }
+            }
+            // pass 2: the visual keys' logits again, normalised, folded over the batch's heads
+            for (int64_t v0 = 0; v0 < n_vis; v0 += key_tile)
+            {
+                int64_t const keys_here = n_vis - v0 < key_tile ? n_vis - v0 : key_tile;
+                bool const live = mark_visible(rows_here, start + v0, keys_here);
+                for (int64_t h = batch; h < batch_end; ++h)
+                {
+                    if (live)
+                        tile_dots(h, q_row0, rows_here, h / groups, start + v0, keys_here);
+                    for (int64_t r = 0; r < rows_here; ++r)
+                    {
+                        float const row_max = stat_max[(size_t) ((h - batch) * row_tile + r)];
+                        float const row_sum = stat_sum[(size_t) ((h - batch) * row_tile + r)];
+                        for (int64_t j = 0; j < keys_here; ++j)
+                        {
+                            bool const v = visible[(size_t) (r * key_tile + j)];
+                            float const dot = v ? dots[(size_t) (r * key_tile + j)] : 0.0f;
+                            float const logit = mllm::visual_logit(dot, scale, v);
+                            float& slot = partial[mllm::partial_index(split, tile_row0 + r, v0 + j, rows, n_vis)];
+                            slot = mllm::reduce_heads(slot, mllm::softmax_probability(logit, row_max, row_sum),
+                                (int32_t) (h - head_begin), head_reduction);
+                        }
+                    }
+                }
             }
         }
-        for (int64_t i = 0; i < n_vis; ++i)
-            reduced[r * n_vis + i] = mllm::finish_heads(reduced[r * n_vis + i], heads, head_reduction);
     }
-    // kernel B: one thread per visual token, rows summed in order
+    // combine: one GPU thread per visual token; splits folded in order, rows summed in order
     for (int64_t i = 0; i < n_vis; ++i)
     {
         float all = 0.0f, self = 0.0f, cross = 0.0f;
         for (int64_t r = 0; r < rows; ++r)
         {
-            float const value = reduced[r * n_vis + i];
+            float value = 0.0f;
+            for (int64_t split = 0; split < splits; ++split)
+                value = mllm::reduce_heads(
+                    value, partial[mllm::partial_index(split, r, i, rows, n_vis)], (int32_t) split, head_reduction);
+            value = mllm::finish_heads(value, heads, head_reduction);
             all += value;
             if (r < n_vis)
                 self += value;
@@ -227,6 +325,17 @@ MLLM_API int32_t mllm_visual_score(void const* q, void const* k, int64_t const* 
         scores[i] = mllm::combine_rows(all, self, cross, rows, n_vis, combine);
     }
     return MLLM_OK;
+}
+
+MLLM_API int32_t mllm_visual_score(void const* q, void const* k, int64_t const* positions,
+    int64_t const* vis_start, float* scores, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t seq_len,
+    int64_t head_dim, int64_t n_vis, int32_t query_rows, int32_t head_reduction, int32_t combine, float scale,
+    int32_t dtype, void* workspace, void* stream)
+{
+    mllm::VisualTiling const t = mllm::kernel_tiling();
+    return mllm_visual_score_host_tiled(q, k, positions, vis_start, scores, heads, kv_heads, q_len, seq_len, head_dim,
+        n_vis, query_rows, head_reduction, combine, scale, dtype, workspace, stream, t.row_tile, t.key_tile,
+        t.dim_chunk, t.head_batch, t.target_blocks);
 }
 
 } // extern "C"

@@ -57,9 +57,23 @@ enum /* VisualScore.combine */
     MLLM_COMBINE_SELF_TIMES_CROSS = 1
 };
 
-/* VisualScore keeps one row of logits, one query row and a reduction scratch in shared memory:
- * (seq_len + head_dim + 32) floats must fit in 48 KiB, i.e. seq_len + head_dim <= 12256. */
-#define MLLM_VISUAL_SCORE_SHARED_FLOATS 12288
+/* VisualScore tiling. A block scores ROW_TILE query rows: K is streamed through shared memory in
+ * tiles of KEY_TILE keys x DIM_CHUNK head dimensions, each tile reused by all the block's rows. Pass 1
+ * keeps a running (max, sum) per row and head (online softmax) over all keys; pass 2 recomputes the
+ * logits of the visual keys only and normalises them with the final (max, sum). The (max, sum) of
+ * HEAD_BATCH heads live in shared memory at a time. No row of logits is ever stored, so the sequence
+ * length is not limited by shared memory. When there are fewer than TARGET_BLOCKS row tiles, the
+ * heads are also split over blocks, as far as the workspace allows (SPARE_ROWS below).
+ * The CUDA build's thread layout assumes these values (static_asserts in routing_kernels.cu);
+ * benchmarks/visual_score_cost.py reads them to estimate the kernel's traffic. */
+#define MLLM_VISUAL_SCORE_ROW_TILE 32
+#define MLLM_VISUAL_SCORE_KEY_TILE 64
+#define MLLM_VISUAL_SCORE_DIM_CHUNK 32
+#define MLLM_VISUAL_SCORE_HEAD_BATCH 32
+#define MLLM_VISUAL_SCORE_TARGET_BLOCKS 128
+/* The workspace holds (q_len + SPARE_ROWS) x n_vis floats: one [rows, n_vis] slab of head-reduced
+ * probabilities per head split, so a call with few query rows (last_text) can split its heads. */
+#define MLLM_VISUAL_SCORE_SPARE_ROWS 64
 
 /* ---- build and memory helpers ------------------------------------------------------------------ */
 MLLM_API int32_t mllm_is_cuda_build(void);
@@ -89,12 +103,23 @@ MLLM_API int32_t mllm_token_scatter(void const* base, void const* updates, int64
 
 /* ---- VisualScore ---------------------------------------------------------------------------------
  * q [1, heads, q_len, head_dim] (the last q_len tokens), k [1, kv_heads, seq_len, head_dim],
- * positions [1, seq_len], vis_start [1] -> scores [n_vis] f32. seq_len + head_dim <= 12256. */
+ * positions [1, seq_len], vis_start [1] -> scores [n_vis] f32. Any seq_len; FP32 accumulation.
+ * workspace: mllm_visual_score_workspace(q_len, n_vis) bytes, (q_len + SPARE_ROWS) * n_vis floats. */
 MLLM_API size_t mllm_visual_score_workspace(int64_t q_len, int64_t n_vis);
 MLLM_API int32_t mllm_visual_score(void const* q, void const* k, int64_t const* positions,
     int64_t const* vis_start, float* scores, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t seq_len,
     int64_t head_dim, int64_t n_vis, int32_t query_rows, int32_t head_reduction, int32_t combine, float scale,
     int32_t dtype, void* workspace, void* stream);
+
+/* Host reference build only (routing_host.cpp; the CUDA build does not export it): VisualScore with
+ * the tiling given here instead of the MLLM_VISUAL_SCORE_* values, so tests can make tiles small
+ * enough for their boundaries, head batches and head splits to show on small inputs. Same
+ * workspace as mllm_visual_score. */
+MLLM_API int32_t mllm_visual_score_host_tiled(void const* q, void const* k, int64_t const* positions,
+    int64_t const* vis_start, float* scores, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t seq_len,
+    int64_t head_dim, int64_t n_vis, int32_t query_rows, int32_t head_reduction, int32_t combine, float scale,
+    int32_t dtype, void* workspace, void* stream, int64_t row_tile, int64_t key_tile, int64_t dim_chunk,
+    int64_t head_batch, int64_t target_blocks);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,7 @@
 #ifndef MLLM_ROUTING_MATH_H
 #define MLLM_ROUTING_MATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -168,7 +169,8 @@ MLLM_HD bool is_future(int64_t key_position, int64_t row_position)
 }
 
 // One head's visual probability folded into the per-row head reduction (mean: summed here and
-// divided by the head count at the end, in the reference's order h = 0, 1, ...).
+// divided by the head count at the end, in the order h = 0, 1, ...). `head` counts from the first
+// head folded into this value; the per-split values are folded together with it too (head = split).
 MLLM_HD float reduce_heads(float accumulated, float probability, int32_t head, int32_t head_reduction)
 {
     if (head == 0)
@@ -198,6 +200,103 @@ MLLM_HD float combine_rows(float rows_sum, float self_sum, float cross_sum, int6
     return rows_sum / (float) rows;
 }
 
+// ---- VisualScore tiling ---------------------------------------------------------------------------
+// Both builds walk the same structure: one block per (tile of `row_tile` query rows, split of the
+// heads); in a block, heads in batches of `head_batch`; pass 1 streams all keys in tiles of
+// `key_tile` and keeps an online (max, sum) per row and head; pass 2 streams the visual keys in
+// tiles, recomputes their logits and folds exp(logit - max) / sum into the head reduction. Dot
+// products run over head_dim in chunks of `dim_chunk` (the columns staged in shared memory at once).
+struct VisualTiling
+{
+    int64_t row_tile, key_tile, dim_chunk, head_batch, target_blocks;
+};
+
+MLLM_HD VisualTiling kernel_tiling()
+{
+    return VisualTiling{MLLM_VISUAL_SCORE_ROW_TILE, MLLM_VISUAL_SCORE_KEY_TILE, MLLM_VISUAL_SCORE_DIM_CHUNK,
+        MLLM_VISUAL_SCORE_HEAD_BATCH, MLLM_VISUAL_SCORE_TARGET_BLOCKS};
+}
+
+MLLM_HD int64_t ceil_div(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+MLLM_HD float larger(float a, float b)
+{
+    return a > b ? a : b;
+}
+
+// Floats the workspace holds: one [rows, n_vis] slab per head split, rows <= q_len.
+MLLM_HD int64_t visual_workspace_floats(int64_t q_len, int64_t n_vis)
+{
+    return (q_len + MLLM_VISUAL_SCORE_SPARE_ROWS) * n_vis;
+}
+
+// Heads per block. Few row tiles (last_text: one) would leave most of the GPU idle, so the heads are
+// shared out over up to target_blocks / row_tiles blocks, as many as the workspace has slabs for.
+// The split count is then ceil_div(heads, heads_per_split). `rows` depends on vis_start, which only
+// the device reads, so both kernels work this out themselves (the launcher cannot).
+MLLM_HD int64_t visual_heads_per_split(int64_t heads, int64_t rows, int64_t q_len, int64_t row_tile,
+    int64_t target_blocks)
+{
+    if (rows <= 0)
+        return heads;
+    int64_t splits = ceil_div(target_blocks, ceil_div(rows, row_tile));
+    int64_t const slabs = (q_len + MLLM_VISUAL_SCORE_SPARE_ROWS) / rows;
+    splits = splits < slabs ? splits : slabs;
+    splits = splits < heads ? splits : heads;
+    splits = splits < 1 ? 1 : splits;
+    return ceil_div(heads, splits); // ceil_div(heads, result) <= splits, so the slabs suffice
+}
+
+// Blocks to launch (1-D grid) without knowing `rows`: row_tiles * splits <= row_tiles *
+// ceil(target / row_tiles) < row_tiles + target, and row_tiles <= ceil(q_len / row_tile). Block b
+// scores row tile b % row_tiles for head split b / row_tiles; blocks past row_tiles * splits leave.
+MLLM_HD int64_t visual_grid_blocks(int64_t q_len, int64_t row_tile, int64_t target_blocks)
+{
+    return ceil_div(q_len, row_tile) + target_blocks;
+}
+
+// A (query row, key) pair takes part in the softmax: both exist and the key is not in the row's future.
+MLLM_HD bool pair_visible(bool row_valid, bool key_valid, int64_t key_position, int64_t row_position)
+{
+    return row_valid && key_valid && !is_future(key_position, row_position);
+}
+
+MLLM_HD float visual_logit(float dot, float scale, bool visible)
+{
+    return visible ? dot * scale : -INFINITY;
+}
+
+// One term of a tile's sum of exponentials, taken relative to the tile's max (0 for an all-masked tile).
+MLLM_HD float tile_exp(float logit, float tile_max)
+{
+    return tile_max == -INFINITY ? 0.0f : expf(logit - tile_max);
+}
+
+// Online softmax: fold a tile's (max, sum of exp(logit - max)) into the row's running (max, sum),
+// rescaling whichever sum was taken relative to the smaller max.
+MLLM_HD void softmax_merge(float& row_max, float& row_sum, float tile_max, float tile_sum)
+{
+    if (tile_max == -INFINITY)
+        return; // nothing visible in the tile
+    float const new_max = larger(row_max, tile_max);
+    row_sum = row_sum * expf(row_max - new_max) + tile_sum * expf(tile_max - new_max);
+    row_max = new_max;
+}
+
+// Pass 2: the softmax probability of one logit from its row's final (max, sum).
+MLLM_HD float softmax_probability(float logit, float row_max, float row_sum)
+{
+    return expf(logit - row_max) / row_sum;
+}
+
+// Where pass 2 keeps a head-reduced probability: slab `split`, scored row r, visual token v.
+MLLM_HD int64_t partial_index(int64_t split, int64_t r, int64_t v, int64_t rows, int64_t n_vis)
+{
+    return (split * rows + r) * n_vis + v;
+}
 
 // ---- argument checks (both builds refuse the same calls) ------------------------------------------
 static inline bool valid_dtype(int32_t dtype)
@@ -221,7 +320,7 @@ static inline int32_t check_visual_score(int64_t heads, int64_t kv_heads, int64_
     int64_t head_dim, int64_t n_vis, int32_t query_rows, int32_t head_reduction, int32_t combine, int32_t dtype)
 {
     bool const ok = heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && q_len > 0 && q_len <= seq_len
-        && head_dim > 0 && seq_len + head_dim + 32 <= MLLM_VISUAL_SCORE_SHARED_FLOATS && n_vis > 0 && n_vis <= seq_len
+        && head_dim > 0 && n_vis > 0 && n_vis <= seq_len
         && query_rows >= MLLM_QUERY_LAST_TEXT && query_rows <= MLLM_QUERY_VISUAL_AND_TEXT
         && (head_reduction == MLLM_HEADS_MEAN || head_reduction == MLLM_HEADS_MAX)
         && (combine == MLLM_COMBINE_SINGLE || combine == MLLM_COMBINE_SELF_TIMES_CROSS) && valid_dtype(dtype);

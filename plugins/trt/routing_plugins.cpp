@@ -467,22 +467,14 @@ public:
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/,
         int32_t /*nbOutputs*/) noexcept override
     {
-        if (nbInputs != 4)
-            return -1;
-        int64_t const maxSeq = in[1].max.d[2];
-        int64_t const headDim = in[1].max.d[3];
-        if (maxSeq + headDim + 32 > MLLM_VISUAL_SCORE_SHARED_FLOATS)
-        {
-            logError("VisualScore: sequence length " + std::to_string(maxSeq) + " is beyond the kernel's limit");
-            return -1;
-        }
-        return 0;
+        (void) in; // the tiled kernel has no sequence-length limit
+        return nbInputs == 4 ? 0 : -1;
     }
 
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t /*nbInputs*/,
         DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept override
     {
-        return mllm_visual_score_workspace(inputs[0].max.d[2], mNVis); // [q rows, n_vis] floats
+        return mllm_visual_score_workspace(inputs[0].max.d[2], mNVis); // [q rows + spare rows, n_vis] floats
     }
 
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
