@@ -34,7 +34,7 @@ class CalibOptions:
     mod_capacity: list[float] | None = None  # one share for every routed layer, or one per routed layer
     mod_dense_layers: int | None = None  # arank: layers kept dense (default 4, gamma-MoD)
     mod_router: str = "fitted"  # fitted | attention | trained
-    mod_router_file: str | None = None  # trained: checkpoint in calib/mod_routers.py's layout
+    mod_router_file: str | None = None  # trained: checkpoint in formats/routers.py's layout
     mod_skip: str = "identity"  # identity | tanh_scale
     mod_fit_target: str = "attention"  # fitted: attention | update_norm
 
@@ -231,7 +231,7 @@ def _mod(model_dir, spec, options: CalibOptions, provenance: dict, log) -> Recip
     settings = dict(router_input="input_norm", selected_scale="none", tanh_alpha=None)
     trained = None
     if options.mod_router == "trained":
-        from mllm_deploy.calib.mod_routers import read_trained_checkpoint
+        from mllm_deploy.formats.routers import read_trained_checkpoint
 
         trained = read_trained_checkpoint(options.mod_router_file, plan.layers, spec.text.hidden_size)
         uses_tanh = options.mod_skip == "tanh_scale" or trained.selected_scale == "tanh_norm"
@@ -239,7 +239,7 @@ def _mod(model_dir, spec, options: CalibOptions, provenance: dict, log) -> Recip
                         tanh_alpha=trained.tanh_alpha if uses_tanh else None)
         extra_mod["trained_from"] = {"file": str(options.mod_router_file), "sha256": trained.source_sha256}
     recipe = mod.mod_recipe(spec, plan, options.mod_router, options.mod_skip, extra_mod=extra_mod, **settings)
-    from mllm_deploy.calib.mod_routers import canonical_tensors
+    from mllm_deploy.formats.routers import canonical_tensors
 
     if trained is not None:
         recipe.routers = canonical_tensors(trained.routers)

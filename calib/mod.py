@@ -5,7 +5,7 @@ averaged over the calibration samples, recorded in the recipe), ``prd`` is p-MoD
 ratio decay (its own capacities), ``layers=1,2,3`` an explicit list. Capacity ``c`` of a routed
 layer means ``round(c * N)`` visual tokens processed there, between 1 and N - 1.
 
-Routers: ``trained`` reads a checkpoint in the layout of calib/mod_routers.py; ``attention``
+Routers: ``trained`` reads a checkpoint in the layout of formats/routers.py; ``attention``
 has no parameters; ``fitted`` fits one linear router per routed layer on the frozen model:
 
 - the calibration samples are run through the MoD model layer by layer, all samples together, so
@@ -137,7 +137,7 @@ def fit_routers(reference, recipe: Recipe, inputs: list, target: str, progress=N
     import torch
 
     from mllm_deploy.calib.mod_reference import ModExecutor
-    from mllm_deploy.calib.mod_routers import LinearRouter
+    from mllm_deploy.formats.routers import LinearRouter
 
     routers: dict[int, LinearRouter] = {}
     executor = ModExecutor(reference, recipe, routers)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from mllm_deploy.calib import scoring
-from mllm_deploy.calib.mod_routers import LinearRouter
+from mllm_deploy.formats.routers import LinearRouter
 
 
 @dataclass

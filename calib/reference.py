@@ -45,7 +45,7 @@ class RecipeReference:
         self._mod_executor = None
         if recipe.is_mod:
             from mllm_deploy.calib.mod_reference import ModExecutor
-            from mllm_deploy.calib.mod_routers import recipe_routers
+            from mllm_deploy.formats.routers import recipe_routers
 
             if routers is None and recipe.mod["router"] != "attention":
                 routers = recipe_routers(recipe)

@@ -8,7 +8,7 @@ import onnx
 
 from mllm_deploy.core.hashing import sha256_file
 
-BUNDLE_SCHEMA = "mllm-deploy/bundle@1"
+from mllm_deploy.formats.manifest import BUNDLE_SCHEMA  # noqa: F401 - the exporter writes it
 
 _DTYPE_NAMES = {
     onnx.TensorProto.FLOAT: "float32",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_deploy.core.errors import RecipeError
+from mllm_deploy.formats.routers import MOD_ROUTER_INPUTS, MOD_SELECTED_SCALES  # noqa: F401 - part of the vocabulary
 
 RECIPE_SCHEMA = "mllm-deploy/recipe@1"
 METHODS = ("dense", "fastv", "pdrop", "vtw", "fitprune", "mod")
@@ -38,8 +39,6 @@ COMBINES = ("single", "self_times_cross", "random")
 # Mixture-of-depths (docs/mod.md)
 MOD_ROUTERS = ("trained", "fitted", "attention")
 MOD_SKIP_RULES = ("identity", "tanh_scale")  # skipped visual tokens: unchanged (gamma-MoD) or w*x (p-MoD)
-MOD_SELECTED_SCALES = ("none", "sigmoid", "tanh_norm")  # selected visual tokens' MLP output: as is, *p, *w
-MOD_ROUTER_INPUTS = ("input_norm", "residual")  # what a linear router reads: the layer's input RMSNorm output or x
 
 
 @dataclass(frozen=True)
@@ -323,7 +322,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
     path = Path(path)
     if recipe.is_mod and recipe.routers is not None:
-        from mllm_deploy.calib.mod_routers import router_file_bytes
+        from mllm_deploy.formats.routers import router_file_bytes  # safetensors, only when routers are written
 
         data = router_file_bytes(recipe.routers)
         recipe.mod = {**recipe.mod, "router_file": router_file_name(path),

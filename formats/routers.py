@@ -34,6 +34,8 @@ import numpy as np
 from mllm_deploy.core.errors import InputFileError, RecipeError
 
 ROUTER_FORMAT = "mllm-deploy/mod-routers@1"
+MOD_SELECTED_SCALES = ("none", "sigmoid", "tanh_norm")  # selected visual tokens' MLP output: as is, *p, *w
+MOD_ROUTER_INPUTS = ("input_norm", "residual")  # what a linear router reads: the layer's input RMSNorm output or x
 DEFAULT_TANH_ALPHA = 0.2  # p-MoD: w = 0.2 * tanh(r) + 1
 
 
@@ -103,7 +105,6 @@ def read_trained_checkpoint(path: str | Path, layers: list[int], hidden: int) ->
     """Routers of a trained checkpoint in the documented layout, for the plan's routed layers."""
     from safetensors import safe_open
 
-    from mllm_deploy.formats.recipe import MOD_ROUTER_INPUTS, MOD_SELECTED_SCALES
 
     path = Path(path)
     if not path.is_file():

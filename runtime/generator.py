@@ -18,6 +18,7 @@ from mllm_deploy.runtime.backends.base import NP_DTYPES
 from mllm_deploy.runtime.bundle import Bundle
 from mllm_deploy.runtime.kv import StaticKVCache
 from mllm_deploy.runtime.sampling import Sampler, SamplingConfig
+from mllm_deploy.formats.manifest import new_name, present_name
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Generator:
         kv_lengths = self.bundle.kv_lengths(input_ids.shape[1])
         cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra for n in kv_lengths], self.float_dtype)
         for layer in range(self.bundle.num_layers):
-            cache.fill(layer, out[f"present.{layer}.key"], out[f"present.{layer}.value"])
+            cache.fill(layer, out[present_name(layer, "key")], out[present_name(layer, "value")])
         return out["logits"][0], cache
 
     def decode(self, token: int, position: int, cache: StaticKVCache) -> np.ndarray:
@@ -122,7 +123,7 @@ class Generator:
         feed["position_ids"] = np.array([[position]], dtype=np.int64)
         out = self.runners["decode"].infer(feed)
         for layer in range(self.bundle.num_layers):
-            cache.append(layer, out[f"new.{layer}.key"], out[f"new.{layer}.value"])
+            cache.append(layer, out[new_name(layer, "key")], out[new_name(layer, "value")])
         cache.advance()
         return out["logits"][0]
 

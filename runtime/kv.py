@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mllm_deploy.formats.manifest import past_name
+
 
 class StaticKVCache:
     def __init__(self, num_kv_heads: int, head_dim: int, capacities: list[int], dtype: np.dtype):
@@ -45,6 +47,6 @@ class StaticKVCache:
     def decode_feed(self) -> dict[str, np.ndarray]:
         feed: dict[str, np.ndarray] = {"past_lengths": self.lengths.copy()}
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            feed[f"past.{layer}.key"] = k
-            feed[f"past.{layer}.value"] = v
+            feed[past_name(layer, "key")] = k
+            feed[past_name(layer, "value")] = v
         return feed

@@ -31,7 +31,7 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", **backend_options):
         from mllm_deploy.runtime.backends import runner_class
-        from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+        from mllm_deploy.formats.image import ImagePreprocessConfig
 
         runner_class(backend)  # an unknown backend fails now, not at the first request
         self.bundle = bundle

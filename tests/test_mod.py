@@ -213,7 +213,7 @@ def test_fitted_recipe_records_arank_and_fit_quality(mod_recipes):
 def test_trained_checkpoint_round_trip(tiny_model_dirs, hf_models, tmp_path):
     """A gamma-MoD checkpoint in the documented layout, through calib-mllm: the recipe's router file holds
     W[1] - W[0], and the reference processes exactly the top-k tokens of gamma-MoD's p = softmax(W x)[1]."""
-    from mllm_deploy.calib.mod_routers import recipe_routers
+    from mllm_deploy.formats.routers import recipe_routers
     from mllm_deploy.formats.recipe import load_recipe
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.core.errors import RecipeError
@@ -262,7 +262,7 @@ def test_skipped_tokens_pass_through_or_scale(skip, tiny_model_dirs, hf_models):
     they stay in the sequence; text rows are always processed."""
     from mllm_deploy.calib.mod import ModPlan, mod_recipe
     from mllm_deploy.calib.mod_reference import ModExecutor
-    from mllm_deploy.calib.mod_routers import LinearRouter
+    from mllm_deploy.formats.routers import LinearRouter
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.export.verify import sample_inputs
     from mllm_deploy.models.registry import load_spec

@@ -22,7 +22,6 @@ CUDA graph once the shapes of a generation have been seen.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ from mllm_deploy.core.hashing import sha256_file
 from mllm_deploy.core.jsonio import read_json
 from mllm_deploy.runtime.backends.base import NP_DTYPES, Runner
 from mllm_deploy.trt.plan import changed_rows, choose_profile, plan_kv_from_profile
+from mllm_deploy.formats.manifest import parse_kv_name, past_name
 
-PAST = re.compile(r"^past\.(\d+)\.(key|value)$")
 
 
 def _values_key(name: str) -> str:
@@ -164,7 +163,7 @@ class TrtRunner(Runner):
             self.kv_plan = plan_kv_from_profile(manifest, {n: s[2] for n, s in self.profiles[0].items()})
             for layer in self.kv_plan.layers:
                 for part in ("key", "value"):
-                    self._buffer(f"past.{layer.layer}.{part}", layer.bytes // 2)
+                    self._buffer(past_name(layer.layer, part), layer.bytes // 2)
 
     def _plugin_library(self, index: dict) -> Path:
         if self.plugins:
@@ -212,9 +211,9 @@ class TrtRunner(Runner):
                 context.set_tensor_address(binding.name, host.ctypes.data)
                 continue
             buffer = self._buffer(binding.name, array.nbytes)
-            match = PAST.match(binding.name)
-            if match and lengths is not None:
-                self._upload_kv(binding.name, buffer, array, int(lengths[int(match.group(1))]))
+            kv = parse_kv_name(binding.name)
+            if kv is not None and kv[0] == "past" and lengths is not None:
+                self._upload_kv(binding.name, buffer, array, int(lengths[kv[1]]))
             elif array.nbytes:
                 self._copy_in(buffer, array)
             context.set_tensor_address(binding.name, int(buffer.ptr))

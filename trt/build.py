@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mllm_deploy.trt.engines import (GRAPHS, INDEX_FILE, EngineKey, engine_file, engine_key, engines_dir, make_index,
+from mllm_deploy.formats.manifest import GRAPHS
+from mllm_deploy.trt.engines import (INDEX_FILE, EngineKey, engine_file, engine_key, engines_dir, make_index,
                                       map_tensors, read_index)
 from mllm_deploy.core.errors import BundleError, InputFileError, MllmError
 from mllm_deploy.core.fsutil import atomic_directory, atomic_write_text

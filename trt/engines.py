@@ -21,7 +21,6 @@ from mllm_deploy.core.hashing import canonical_json, sha256_text
 ENGINES_DIR = "engines"
 INDEX_FILE = "index.json"
 ENGINES_SCHEMA = "mllm-deploy/engines@1"
-GRAPHS = ("vision", "prefill", "decode")
 # Fields that must still describe this bundle and this machine when an engine is loaded.
 IDENTITY_FIELDS = ("graph_sha256", "weights_sha256", "recipe_sha256", "tensorrt", "gpu", "compute_capability")
 # TensorRT DataType names (trt.DataType.X.name) -> manifest dtype strings

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mllm_deploy.core.errors import MllmError
+from mllm_deploy.formats.manifest import past_name
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
@@ -67,7 +68,7 @@ def plan_kv_from_profile(manifest: Mapping[str, Any], max_shapes: Mapping[str, S
     heads, head_dim, dtype = int(text["num_kv_heads"]), int(text["head_dim"]), str(manifest["dtype"])
     layers = []
     for layer in range(int(text["num_layers"])):
-        shape = max_shapes.get(f"past.{layer}.key")
+        shape = max_shapes.get(past_name(layer, "key"))
         if shape is None:
             raise MllmError(f"the decode engine has no profile for past.{layer}.key; run build-mllm again")
         capacity = int(shape[2])

@@ -25,6 +25,7 @@ import numpy as np
 from mllm_deploy.core.compare import DEFAULT_TOLERANCES, compare_outputs, compare_selection
 from mllm_deploy.core.errors import MllmError, VerificationError
 from mllm_deploy.core.fsutil import atomic_write_text
+from mllm_deploy.formats.manifest import present_name
 
 REPORT_SCHEMA = "mllm-deploy/trt-verify@1"
 
@@ -123,9 +124,9 @@ def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plu
         logits_trt, cache_trt = trt.prefill(ids, features, capacity_extra=steps)
         if diverged is not None:
             # after a tie the two runs hold different tokens: only the layers before it are comparable
-            want = {f"present.{l}.{part}": getattr(cache_ref, part + "s")[l][:, :, :int(cache_ref.lengths[l])]
+            want = {present_name(l, part): getattr(cache_ref, part + "s")[l][:, :, :int(cache_ref.lengths[l])]
                     for l in range(diverged) for part in ("key", "value")}
-            got = {f"present.{l}.{part}": getattr(cache_trt, part + "s")[l][:, :, :int(cache_trt.lengths[l])]
+            got = {present_name(l, part): getattr(cache_trt, part + "s")[l][:, :, :int(cache_trt.lengths[l])]
                    for l in range(diverged) for part in ("key", "value")}
             checks.append(_compare("prefill", want, got, tolerance) if want else
                           Check("prefill", "skip", f"diverges at layer {diverged} after a tie"))
@@ -134,8 +135,8 @@ def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plu
         for layer, n in enumerate(int(x) for x in cache_ref.lengths):
             for part, ref_kv, trt_kv in (("key", cache_ref.keys, cache_trt.keys), ("value", cache_ref.values,
                                                                                     cache_trt.values)):
-                want[f"present.{layer}.{part}"] = ref_kv[layer][:, :, :n]
-                got[f"present.{layer}.{part}"] = trt_kv[layer][:, :, :n]
+                want[present_name(layer, part)] = ref_kv[layer][:, :, :n]
+                got[present_name(layer, part)] = trt_kv[layer][:, :, :n]
         checks.append(_compare("prefill", want, got, tolerance))
         token = int(np.argmax(logits_ref))
         agree = int(token == int(np.argmax(logits_trt)))
