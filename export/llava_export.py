@@ -128,7 +128,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     from mllm_deploy.export.verify import verify_bundle
     from mllm_deploy.export.weights import collect_weights
     from mllm_deploy.export.vision_graph import vision_layers_used
-    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+    from mllm_deploy.formats.image import ImagePreprocessConfig
 
     if options.dtype not in DTYPES:
         raise MllmError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")

@@ -33,7 +33,7 @@ class ModPrefillBuilder(PrefillBuilder):
         super().__init__(g, spec, w, rope, ft, recipe, mode)
         self.mod = recipe.mod
         if routers is None and self.mod["router"] != "attention":
-            from mllm_deploy.calib.mod_routers import recipe_routers
+            from mllm_deploy.formats.routers import recipe_routers
 
             routers = recipe_routers(recipe)
         self.routers = routers or {}

@@ -201,7 +201,7 @@ def test_model_config_mutations(doc):
 # ---- bundle manifests -------------------------------------------------------------------------------
 def _manifest_dir() -> tuple[Path, dict]:
     """A bundle directory with small stand-in files and a manifest that passes every check."""
-    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+    from mllm_deploy.formats.image import ImagePreprocessConfig
 
     root = WORK / "bundle"
     (root / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ BUNDLE_DIR, MANIFEST = _manifest_dir()
 
 def _use_bundle(bundle) -> None:
     """What the runtime reads from an accepted manifest before and while it loads the graphs."""
-    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+    from mllm_deploy.formats.image import ImagePreprocessConfig
 
     assert bundle.num_layers == len(bundle.visual_tokens_per_layer)
     assert len(bundle.kv_lengths(bundle.visual_tokens + 3)) == bundle.num_layers

@@ -13,7 +13,7 @@ def batch(tmp_path_factory):
     from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.shapes_llava import write_untrained
     from mllm_deploy.tools.shapes_train import make_conversation_batch, prompt_builder
-    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+    from mllm_deploy.formats.image import ImagePreprocessConfig
 
     model_dir = write_untrained(tmp_path_factory.mktemp("shapes") / "init")
     builder = prompt_builder(model_dir)
@@ -105,7 +105,7 @@ def test_each_segment_computes_what_its_inference_prompt_computes(tmp_path):
     from mllm_deploy.scenes import shapes_vqa
     from mllm_deploy.models.shapes_llava import write_untrained
     from mllm_deploy.tools.shapes_train import make_batch, make_segment_batch, prompt_builder
-    from mllm_deploy.runtime.preprocess import ImagePreprocessConfig
+    from mllm_deploy.formats.image import ImagePreprocessConfig
 
     model_dir = write_untrained(tmp_path / "m", seed=2)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
