@@ -71,7 +71,7 @@ class ModelSpec:
     vision_feature_select_strategy: str  # "default" drops CLS, "full" keeps it
     projector_hidden_act: str
     projector_bias: bool
-    fingerprint: str  # sha256 of the canonical text config (DESIGN.md recipe.model)
+    fingerprint: str  # sha256 of the canonical text config (the recipe's model fingerprint)
 
     @property
     def visual_tokens(self) -> int:

@@ -1,11 +1,11 @@
 """Static TensorRT compatibility check of exported ONNX graphs (no TensorRT needed).
 
-TensorRT cannot be installed on this project's build machines (DESIGN.md), so the strongest
-proxy for "will the ONNX parser of TensorRT X take this graph" is a walk over every node against
-the operator table of that version (``trt/support/trt-<version>.json``, built from onnx-tensorrt's
-``docs/operators.md``; see ``trt/support/README.md``) plus the restrictions DESIGN.md lists
-(TopK sorted/K, scatter reductions, float-only CumSum, data-dependent shapes) and the plugin
-attributes the parser needs to find our routing plugins.
+TensorRT cannot be installed on this project's build machines, so the strongest proxy for "will
+the ONNX parser of TensorRT X take this graph" is a walk over every node against the operator
+table of that version (``trt/support/trt-<version>.json``, built from onnx-tensorrt's
+``docs/operators.md``; see ``trt/support/README.md``) plus the restrictions the graphs are designed
+around (TopK sorted/K, scatter reductions, float-only CumSum, data-dependent shapes), the plugin
+attributes the parser needs to find our routing plugins, and the shape-tensor inputs.
 
 Graphs are loaded without external data: the check needs structure, never weights.
 """
