@@ -124,13 +124,14 @@ def activation_bytes(spec, prompt_tokens: int, dtype_bytes: int) -> int:
 
 
 def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], prompt_tokens: int,
-                     weights_file_bytes: int | None = None) -> MemoryEstimate:
-    """A loaded bundle answering one request. The prefill and the decode session each hold the text
-    model's weights (ONNX Runtime copies external data per session); the vision session holds its own."""
+                     weights_file_bytes: int | None = None, shared_weights: bool = True) -> MemoryEstimate:
+    """A loaded bundle answering one request. With shared weights (the runtime's default: the weights file
+    mapped once, runtime/backends/ort.py) every weight is resident once; otherwise the prefill and the decode
+    session each pre-pack their own copy of the text model's weights."""
     text = text_parameters(spec.text) * dtype_bytes
     stored = weights_file_bytes if weights_file_bytes is not None else text + vision_parameters(spec) * dtype_bytes
     return MemoryEstimate(
-        weights=int(stored + min(text, stored)),
+        weights=int(stored if shared_weights else stored + min(text, stored)),
         kv_cache=kv_cache_bytes(spec.text, kv_tokens_per_layer, dtype_bytes),
         activations=activation_bytes(spec, prompt_tokens, dtype_bytes),
     )

@@ -189,6 +189,9 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         }
         manifest["files"] = file_hashes(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        from mllm_deploy.runtime.bundle import record_verified
+
+        record_verified(tmp, manifest["files"])  # hashed just now: loads trust them until a file changes
         if options.verify:
             comparison = verify_bundle(tmp, hf_model, spec, options.dtype, recipe)
             log(f"verify: {comparison.summary()}")

@@ -28,6 +28,19 @@ def _value_infos(values) -> list[dict]:
     return out
 
 
+def external_initializers(model: onnx.ModelProto) -> list[dict]:
+    """name, file, offset, length, dtype and shape of every initializer stored outside the graph file."""
+    entries = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        entries.append({"name": tensor.name, "file": info["location"], "offset": int(info.get("offset", 0)),
+                        "length": int(info["length"]), "dtype": _DTYPE_NAMES[tensor.data_type],
+                        "shape": [int(d) for d in tensor.dims]})
+    return entries
+
+
 def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
     from mllm_deploy.trt.shape_inputs import shape_tensor_inputs
 
@@ -39,6 +52,9 @@ def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
         "outputs": _value_infos(model.graph.output),
         # inputs TensorRT reads as shape tensors: profile values at build time, host memory at run time
         "shape_inputs": shape_tensor_inputs(model),
+        # where each weight lies in the shared weights file: the runtime maps the file once and hands the same
+        # arrays to every session, so the LLM weights are resident once although two graphs use them
+        "external_initializers": external_initializers(model),
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
     }
 

@@ -109,6 +109,28 @@ def _check_io(graph: str, entries: Any, kind: str) -> list[str]:
     return names
 
 
+def _check_external(graph: str, entries: Any) -> None:
+    """The external weights table: a file inside the bundle, offsets and lengths that fit dtype and shape."""
+    where = f"graphs.{graph}.external_initializers"
+    if not isinstance(entries, list):
+        raise BundleError(f"manifest.json {where} must be a list")
+    sizes = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry.get("dtype") not in sizes:
+            raise BundleError(f"manifest.json {where} has a malformed entry {str(entry)[:80]!r}")
+        _relative_file(entry.get("file"), f"{where}.file")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise BundleError(f"manifest.json {where}: {entry['name']} has a malformed shape")
+        count = 1
+        for dim in shape:
+            count *= dim
+        _integer(entry.get("offset"), f"{where}.offset", minimum=0)
+        if _integer(entry.get("length"), f"{where}.length", minimum=0) != count * sizes[entry["dtype"]]:
+            raise BundleError(f"manifest.json {where}: {entry['name']} length does not match its dtype and shape")
+
+
 def _check_model(manifest: dict) -> None:
     from mllm_deploy.formats.geometry import spec_from_manifest
 
@@ -159,6 +181,7 @@ def _check_graphs(manifest: dict) -> None:
         if not isinstance(shape_inputs, list) or not all(isinstance(n, str) and n in inputs for n in shape_inputs):
             raise BundleError(f"manifest.json graphs.{graph}.shape_inputs must list some of the graph's inputs")
         outputs = set(_check_io(graph, entry.get("outputs"), "outputs"))
+        _check_external(graph, entry.get("external_initializers", []))
         want_in, want_out = expected[graph]
         if inputs != want_in or not want_out <= outputs:
             wrong = sorted(inputs ^ want_in) or sorted(want_out - outputs)

@@ -6,6 +6,7 @@ that loads here gives the runtime every value it reads, with the right type.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,12 @@ class Bundle:
         return self.path / self.manifest["graphs"][graph]["file"]
 
     def graph_io(self, graph: str) -> dict[str, list[dict]]:
+        """Inputs and outputs; and where the graph's external weights lie, for runners that map them once."""
         entry = self.manifest["graphs"][graph]
-        return {"inputs": entry["inputs"], "outputs": entry["outputs"]}
+        io = {"inputs": entry["inputs"], "outputs": entry["outputs"]}
+        if entry.get("external_initializers"):
+            io["external_initializers"] = entry["external_initializers"]
+        return io
 
     def shape_inputs(self, graph: str) -> list[str] | None:
         """Inputs TensorRT reads as shape tensors (trt/shape_inputs.py); None for bundles that predate the field."""
@@ -80,20 +85,80 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: {exc}") from None
 
 
-def load_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
-    """Read and check the manifest and (by default) every file against its recorded sha256."""
+VERIFIED_FILE = ".verified.json"  # sha256 checks already done: file -> (sha256, size, mtime_ns)
+VERIFIED_SCHEMA = "mllm-deploy/verified@1"
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def _read_verified(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((path / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("schema") == VERIFIED_SCHEMA else None
+    return files if isinstance(files, dict) else {}
+
+
+def record_verified(path: Path, hashes: dict[str, str]) -> None:
+    """Remember that these files had these sha256 at their current size and mtime (best effort: a read-only
+    bundle is simply hashed again next time)."""
+    from mllm_deploy.core.fsutil import atomic_write_text
+
+    entries = {}
+    for rel, digest in sorted(hashes.items()):
+        try:
+            size, mtime_ns = _stat_key(path / rel)
+        except OSError:
+            continue
+        entries[rel] = {"sha256": digest, "size": size, "mtime_ns": mtime_ns}
+    try:
+        atomic_write_text(path / VERIFIED_FILE, json.dumps({"schema": VERIFIED_SCHEMA, "files": entries}, indent=1))
+    except OSError:
+        pass
+
+
+def check_files(path: Path, manifest: dict[str, Any], verify_all: bool = False) -> int:
+    """Check every file against the manifest's sha256; returns how many were hashed.
+
+    A file is hashed once: afterwards its size and mtime are recorded beside the bundle (``.verified.json``)
+    and a file whose size and mtime are unchanged is trusted. Any write changes the mtime, so an altered or
+    truncated file is hashed again and refused. ``verify_all`` hashes everything regardless.
+    """
+    verified = {} if verify_all else _read_verified(path)
+    hashed: dict[str, str] = {}
+    trusted: dict[str, str] = {}
+    for rel, expected in sorted(manifest["files"].items()):
+        file_path = path / rel
+        if not file_path.is_file():
+            raise BundleError(f"bundle file {rel} is missing from {path}; copy the whole bundle again")
+        try:
+            size, mtime_ns = _stat_key(file_path)
+            entry = verified.get(rel)
+            if (isinstance(entry, dict) and entry.get("sha256") == expected and entry.get("size") == size
+                    and entry.get("mtime_ns") == mtime_ns):
+                trusted[rel] = expected
+                continue
+            actual = sha256_file(file_path)
+        except OSError as exc:
+            raise BundleError(f"bundle file {rel} cannot be read: {exc.strerror or exc}") from None
+        if actual != expected:
+            raise BundleError(f"bundle file {rel} does not match its sha256 in manifest.json (altered or"
+                              " truncated); copy or export the bundle again")
+        hashed[rel] = actual
+    if hashed:
+        record_verified(path, {**trusted, **hashed})
+    return len(hashed)
+
+
+def load_bundle(path: str | Path, check_hashes: bool = True, verify_all: bool = False) -> Bundle:
+    """Read and check the manifest and (by default) every file against its recorded sha256; files already
+    verified at their current size and mtime are not hashed again unless ``verify_all``."""
     path = Path(path)
     manifest = _read_manifest(path)
     if check_hashes:
-        for rel, expected in sorted(manifest["files"].items()):
-            file_path = path / rel
-            if not file_path.is_file():
-                raise BundleError(f"bundle file {rel} is missing from {path}; copy the whole bundle again")
-            try:
-                actual = sha256_file(file_path)
-            except OSError as exc:
-                raise BundleError(f"bundle file {rel} cannot be read: {exc.strerror or exc}") from None
-            if actual != expected:
-                raise BundleError(f"bundle file {rel} does not match its sha256 in manifest.json (altered or"
-                                  " truncated); copy or export the bundle again")
+        check_files(path, manifest, verify_all)
     return Bundle(path=path, manifest=manifest)

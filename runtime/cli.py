@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="SIZE",
                    help="refuse to load when the estimated memory (weights + KV cache + activations) exceeds SIZE,"
                         " e.g. 4GiB or 512MB (the memory available is always checked)")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="hash every bundle file against the manifest, even those verified before (by default a file "
+                        "whose size and modification time are unchanged since its last check is not hashed again)")
     return p
 
 
@@ -42,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise MllmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    if args.verify_hashes:
+        from mllm_deploy.runtime.bundle import load_bundle
+
+        load_bundle(args.bundle, verify_all=True)  # hashes everything and refreshes the record the load below trusts
     with Pipeline.load(args.bundle, backend=args.backend) as pipe:
         # read the image and the prompt, and check the request, before any output and before the
         # sessions load: a bad image, a too-long prompt or a too-large model print nothing but the error

@@ -1,8 +1,19 @@
-"""ONNX Runtime backend (CPU by default; CUDA when the provider is installed and asked for)."""
+"""ONNX Runtime backend (CPU by default; CUDA when the provider is installed and asked for).
+
+Weights: the prefill and decode graphs use the same LLM weights from one ``weights.bin``. Left to
+itself, each ONNX Runtime session would pre-pack every MatMul weight into its own buffer, so a bundle
+would hold its LLM weights twice (13.5 GB more at 7B fp16). By default the runner maps the weights
+file once per process (``np.memmap``, read-only, shared by every runner of the bundle), hands each
+session those arrays as initializers (``SessionOptions.add_initializer``: no copy) and turns
+pre-packing off, so the weights are resident once and only the pages a graph touches are read.
+``share_weights=False`` restores ONNX Runtime's own loading (pre-packed, one copy per session).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -14,10 +25,43 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
               "int32": "tensor(int32)", "bool": "tensor(bool)"}
 
 
+_NP_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+_MAPS: dict[tuple, np.memmap] = {}  # (path, size, mtime_ns) -> the process's one mapping of a weights file
+_MAPS_LOCK = threading.Lock()
+
+
+def mapped_file(path: Path) -> np.memmap:
+    """One read-only mapping per weights file and process (a changed file gets a new mapping)."""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    with _MAPS_LOCK:
+        if key not in _MAPS:
+            _MAPS[key] = np.memmap(path, dtype=np.uint8, mode="r")
+        return _MAPS[key]
+
+
+def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str, np.ndarray]]:
+    """(name, array view into the mapped weights file) for every external initializer of a graph."""
+    views = []
+    for entry in entries:
+        data = mapped_file(graph_dir / entry["file"])
+        start, length = int(entry["offset"]), int(entry["length"])
+        if start + length > data.shape[0]:
+            raise BundleError(f"{entry['file']} is shorter than the manifest says ({entry['name']} ends at byte "
+                              f"{start + length}); copy or export the bundle again")
+        views.append((entry["name"], data[start:start + length].view(_NP_TYPES[entry["dtype"]])
+                      .reshape(entry["shape"])))
+    return views
+
+
 class OrtRunner(Runner):
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
-                 profile: bool = False, custom_ops: list[str] | None = None):
+                 profile: bool = False, custom_ops: list[str] | None = None, share_weights: bool = True):
         super().__init__(graph_path, io, name)
+        # weights shared through one mapping (CPU only: other providers copy initializers to their device anyway)
+        self.share_weights = share_weights and bool(io.get("external_initializers")) and \
+            list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+        self._shared_values: list = []
         self.custom_ops = list(custom_ops or [])
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
@@ -38,6 +82,12 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = int(os.environ["MLLM_DEPLOY_THREADS"])
         options.enable_profiling = self.profile
         options.log_severity_level = 3
+        if self.share_weights:
+            options.add_session_config_entry("session.disable_prepacking", "1")  # packed copies would be per session
+            for name, array in shared_initializers(self.graph_path.parent, self.io["external_initializers"]):
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                self._shared_values.append(value)  # the session reads this memory: keep it alive with the runner
+                options.add_initializer(name, value)
         try:
             if self.custom_ops:
                 self.session = self._plugin_session(options)
@@ -84,6 +134,7 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+        self._shared_values.clear()
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self._output_names, feed)
