@@ -137,17 +137,21 @@ def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], pro
     )
 
 
-def export_estimate(spec, dtype_bytes: int, prompt_tokens: int, new_tokens: int = 4) -> MemoryEstimate:
-    """export-mllm: the PyTorch model in float32, its weights copied to the export dtype, then the
-    verification run of the written bundle (ONNX Runtime sessions) next to the PyTorch reference."""
+def export_estimate(spec, dtype_bytes: int, prompt_tokens: int, new_tokens: int = 4, verify: bool = True,
+                    streaming: bool = False) -> MemoryEstimate:
+    """export-mllm. Streaming from safetensors (export/checkpoint.py) holds about one fused tensor at a time (the
+    largest of the embedding table and a layer's gate+up projection, plus its source pieces); otherwise the PyTorch
+    model in float32 and its weights copied to the export dtype. Verification adds the PyTorch model in float32
+    and the bundle's ONNX Runtime sessions (weights mapped once) next to it."""
     params = text_parameters(spec.text) + vision_parameters(spec)
-    torch_model = params * 4
-    collected = params * dtype_bytes
-    sessions = runtime_estimate(spec, dtype_bytes, [prompt_tokens + new_tokens] * spec.text.num_layers, prompt_tokens,
-                                weights_file_bytes=collected)
-    reference_kv = kv_cache_bytes(spec.text, [prompt_tokens + new_tokens] * spec.text.num_layers, 4)
-    return MemoryEstimate(
-        weights=torch_model + collected + sessions.weights,
-        kv_cache=sessions.kv_cache + reference_kv,
-        activations=sessions.activations + activation_bytes(spec, prompt_tokens, 4),
-    )
+    t = spec.text
+    largest = max(t.vocab_size * t.hidden_size, 2 * t.hidden_size * t.intermediate_size)
+    weights = largest * (dtype_bytes + 4) if streaming else params * 4 + params * dtype_bytes
+    kv_cache = activations = 0
+    if verify:
+        sessions = runtime_estimate(spec, dtype_bytes, [prompt_tokens + new_tokens] * t.num_layers, prompt_tokens,
+                                    weights_file_bytes=params * dtype_bytes)
+        weights += (params * 4 if streaming else 0) + sessions.weights
+        kv_cache = sessions.kv_cache + kv_cache_bytes(t, [prompt_tokens + new_tokens] * t.num_layers, 4)
+        activations = sessions.activations + activation_bytes(spec, prompt_tokens, 4)
+    return MemoryEstimate(weights=weights, kv_cache=kv_cache, activations=activations)

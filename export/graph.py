@@ -49,13 +49,15 @@ class WeightStore:
             if pad:
                 self._handle.write(b"\0" * pad)
                 self._offset += pad
-            data = array.tobytes()
-            self._handle.write(data)
-            self._entries[name] = (self._offset, len(data), array.dtype, array.shape)
-            self._offset += len(data)
+            self._handle.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of a large tensor
+            self._entries[name] = (self._offset, array.nbytes, array.dtype, array.shape)
+            self._offset += array.nbytes
         offset, length, dtype, shape = self._entries[name]
         if dtype != array.dtype or shape != array.shape:
             raise ValueError(f"weight {name} stored twice with different dtype/shape")
+        return self._reference(name, offset, length, dtype, shape)
+
+    def _reference(self, name: str, offset: int, length: int, dtype: np.dtype, shape: tuple[int, ...]) -> TensorProto:
         proto = TensorProto()
         proto.name = name
         proto.data_type = ONNX_DTYPE[dtype]
@@ -65,6 +67,13 @@ class WeightStore:
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         return proto
+
+    def stored(self, name: str) -> TensorProto | None:
+        """The external-data reference of a weight already written, or None."""
+        if name not in self._entries:
+            return None
+        offset, length, dtype, shape = self._entries[name]
+        return self._reference(name, offset, length, dtype, shape)
 
     def close(self) -> None:
         self._handle.close()
@@ -124,11 +133,19 @@ class GraphBuilder:
         return out_names[0] if len(out_names) == 1 else out_names
 
     def const(self, value, name: str | None = None, dtype=None) -> str:
-        """A constant tensor: small ones embedded, large ones in weights.bin."""
-        array = np.asarray(value, dtype=dtype)
+        """A constant tensor: small ones embedded, large ones in weights.bin. A lazy checkpoint weight
+        (export/checkpoint.py) is read only when the weights file does not hold it yet."""
         tensor_name = name or self.node_name("Constant").lstrip("/").replace("/", ".")
         if tensor_name in self._initializer_names:
             return tensor_name
+        if hasattr(value, "load") and hasattr(value, "name"):  # a LazyWeight
+            stored = self.weights.stored(tensor_name) if self.weights is not None else None
+            if stored is not None:  # another graph wrote it already: reference it without reading it again
+                self.initializers.append(stored)
+                self._initializer_names.add(tensor_name)
+                return tensor_name
+            value = value.load()
+        array = np.asarray(value, dtype=dtype)
         if self.weights is not None and array.nbytes > SMALL_CONSTANT_BYTES:
             proto = self.weights.tensor(tensor_name, array)
         else:

@@ -115,15 +115,17 @@ def _producer_versions() -> dict:
             "onnx": onnx.__version__}
 
 
-def _check_memory(spec: ModelSpec, model: str, options: ExportOptions) -> None:
+def _check_memory(spec: ModelSpec, model: str, options: ExportOptions, streaming: bool) -> None:
     """Refuse, before the weights load, an export whose estimate exceeds --max-memory or the memory available."""
     from mllm_deploy.core.memory import available_memory, check_memory, export_estimate
 
-    estimate = export_estimate(spec, np.dtype(DTYPES[options.dtype]).itemsize, spec.visual_tokens + 12)
+    estimate = export_estimate(spec, np.dtype(DTYPES[options.dtype]).itemsize, spec.visual_tokens + 12,
+                               verify=options.verify, streaming=streaming)
     check_memory(estimate, f"exporting {model} ({options.dtype})", options.max_memory, available_memory())
 
 
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(), log=print) -> Path:
+    from mllm_deploy.export.checkpoint import SafetensorsCheckpoint, StreamingWeights, has_safetensors
     from mllm_deploy.export.manifest import BUNDLE_SCHEMA, file_hashes
     from mllm_deploy.export.verify import verify_bundle
     from mllm_deploy.export.weights import collect_weights
@@ -153,13 +155,19 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
-    _check_memory(spec, model, options)
-    hf_model = load_hf_model(model_dir, attn_implementation="eager")
+    streaming = has_safetensors(model_dir)
+    _check_memory(spec, model, options, streaming)
+    # the PyTorch model is loaded only to verify against; the weights stream from the safetensors files
+    hf_model = load_hf_model(model_dir, attn_implementation="eager") if options.verify or not streaming else None
 
     with atomic_directory(output) as tmp:
         log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"
             f" {options.routing} routing)")
-        weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
+        if streaming:
+            weights = StreamingWeights(SafetensorsCheckpoint(model_dir), spec, DTYPES[options.dtype],
+                                       vision_layers_used(spec), spec.text.tie_word_embeddings)
+        else:  # a checkpoint in another format (pytorch_model.bin): from the loaded model
+            weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
         graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing)
         tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
         if recipe.router_path() is not None:

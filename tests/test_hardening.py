@@ -223,8 +223,8 @@ def test_estimate_terms(pipe):
     kv = [n + 20 for n in pipe.bundle.kv_lengths(100)]
     assert estimate.kv_cache == kv_cache_bytes(t, kv, 4)
     weights_file = (pipe.bundle.path / "weights.bin").stat().st_size
-    # ONNX Runtime holds the text weights once per session (prefill and decode)
-    assert weights_file + text_parameters(t) * 4 <= estimate.weights <= weights_file + text_parameters(t) * 4 + 2**20
+    # the weights file is mapped once and shared by the sessions (runtime/backends/ort.py): counted once
+    assert weights_file <= estimate.weights <= weights_file + 2**20
     assert estimate.total == estimate.weights + estimate.kv_cache + estimate.activations
     assert MemoryEstimate(3 * 2**30, 2**29, 2**20).describe() == \
         "3.50 GiB (weights 3.00 GiB + KV cache 512.00 MiB + activations 1.00 MiB)"
@@ -256,6 +256,9 @@ def test_export_memory_estimate_grows_with_the_model():
     small = export_estimate(load_spec("llava-1.5-7b-shape")[1], 2, 600)
     large = export_estimate(load_spec("llava-1.5-13b-shape")[1], 2, 600)
     assert 7e9 * 4 < small.weights < large.weights  # at least the float32 PyTorch model
+    # streamed from safetensors without verification: about one fused tensor, not the model
+    streamed = export_estimate(load_spec("llava-1.5-7b-shape")[1], 2, 600, verify=False, streaming=True)
+    assert streamed.total < 1 * 2**30
 
 
 # ---- report-mllm writes all or nothing -------------------------------------------------------------------
