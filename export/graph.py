@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -36,8 +36,9 @@ class WeightStore:
     The same array name is written once, whichever graphs use it.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, on_new: Callable[[str, int], None] | None = None):
         self.path = Path(path)
+        self.on_new = on_new  # called with (name, bytes) when a weight is written (export's progress bar)
         self._handle = open(self.path, "wb")
         self._offset = 0
         self._entries: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
@@ -52,6 +53,8 @@ class WeightStore:
             self._handle.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of a large tensor
             self._entries[name] = (self._offset, array.nbytes, array.dtype, array.shape)
             self._offset += array.nbytes
+            if self.on_new is not None:
+                self.on_new(name, array.nbytes)
         offset, length, dtype, shape = self._entries[name]
         if dtype != array.dtype or shape != array.shape:
             raise ValueError(f"weight {name} stored twice with different dtype/shape")

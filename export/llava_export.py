@@ -87,10 +87,14 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
     t = spec.text
     cos, sin = rope_tables(t.head_dim, t.rope_theta, t.rope_scaling_factor, t.max_position_embeddings)
     rope = (cos.astype(DTYPES[dtype]), sin.astype(DTYPES[dtype]))
-    store = WeightStore(out_dir / "weights.bin")
+    from mllm_deploy.core.progress import Progress
+
+    bar = Progress(len(weights), "weights", unit="tensors")  # every weight is written once, whichever graph asks
+    store = WeightStore(out_dir / "weights.bin", on_new=lambda name, nbytes: bar.update() if name in weights else None)
     entries = {}
     try:
         for name, build in (("vision", build_vision_graph), ("prefill", build_prefill_graph), ("decode", build_decode_graph)):
+            bar.label = f"weights ({name} graph)"
             g = GraphBuilder(name, opset, store)
             if name == "vision":
                 build(g, spec, weights, ft)
@@ -103,6 +107,7 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
             entries[name] = graph_entry(model, f"{name}.onnx")
     finally:
         store.close()
+        bar.close()
     return entries
 
 
