@@ -80,7 +80,10 @@ class Pipeline:
         spec = spec_from_manifest(self.bundle.manifest["model"])
         dtype_bytes = 2 if self.bundle.dtype == "float16" else 4
         kv_tokens = [n + max_new_tokens for n in self.bundle.kv_lengths(prompt_tokens)]
-        return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes())
+        providers = self._backend_options.get("providers") or []
+        cpu = self._backend == "onnxruntime" and "CUDAExecutionProvider" not in providers
+        return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes(),
+                                float16_on_cpu=cpu)
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None = None,
                       available: int | None = None) -> None:
