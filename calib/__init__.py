@@ -1,2 +1,2 @@
-"""Calibration: attention statistics, method searches, the FLOPs model, the recipe schema,
-and the PyTorch reference of a recipe."""
+"""Calibration: the methods by name (methods.py) with their options and searches, attention
+statistics, MoD routers, and the PyTorch reference of a recipe."""

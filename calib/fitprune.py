@@ -13,8 +13,51 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mllm_deploy.calib.common import CalibRun, CommonOptions, int_list, option, progress
+from mllm_deploy.core.errors import MllmError
 from mllm_deploy.formats.flops import fitprune_layer_macs
 from mllm_deploy.formats.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class FitPruneOptions(CommonOptions):
+    budget: float | None = option(None, "--budget", "FLOPs reduction target, e.g. 0.5", float)
+    schedule: list[int] | None = option(
+        None, "--schedule", "published tokens removed after each layer, e.g. 3,7,49,...", int_list)
+
+    method = cli_group = "fitprune"
+
+
+def calibrate_fitprune(options: FitPruneOptions, run: CalibRun) -> Recipe:
+    """From a published schedule (no data), or by searching alpha on calibration data for a FLOPs budget."""
+    from mllm_deploy.calib.static_methods import fitprune_from_schedule
+
+    spec = run.spec
+    if options.schedule is not None:
+        return fitprune_from_schedule(spec, options.schedule)
+    if not options.data:
+        raise MllmError("--method fitprune needs --data (a JSONL file or builtin:synthetic:N)")
+    if options.budget is None:
+        raise MllmError("--method fitprune needs --budget (FLOPs reduction, e.g. 0.5) or --schedule")
+    if not 0.0 < options.budget < 1.0:
+        raise MllmError(f"--budget must be in (0, 1), got {options.budget}")
+    inputs = run.inputs(options)
+    reference = run.dense_reference()
+    stats = []
+    bar = progress(len(inputs), "fitprune statistics")
+    try:
+        for input_ids, pixel_values in inputs:
+            stats.append(collect_stats(reference, input_ids, reference.image_features(pixel_values)))
+            bar.update(1)
+    finally:
+        bar.close()
+    search = search_alpha(stats, options.budget, spec.text.hidden_size, spec.text.intermediate_size)
+    if not search.feasible:
+        raise MllmError(f"FitPrune cannot reach a {options.budget:.0%} reduction on this data even at alpha=1"
+                        f" (best {search.reduction:.1%}); lower --budget")
+    run.log(f"fitprune: alpha {search.alpha:.2f}, FitPrune-MACs reduction {search.reduction:.1%},"
+            f" removed per layer {search.schedule}")
+    return fitprune_recipe(spec, search, options.budget)
 
 
 @dataclass

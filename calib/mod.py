@@ -24,17 +24,35 @@ has no parameters; ``fitted`` fits one linear router per routed layer on the fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from mllm_deploy.formats.recipe import Recipe, ScoreSpec, model_ref
+from mllm_deploy.calib.common import CalibRun, CommonOptions, float_list, option, progress
+from mllm_deploy.formats.recipe import MOD_ROUTERS, MOD_SKIP_RULES, ModBlock, Recipe, ScoreSpec, model_ref
 from mllm_deploy.core.errors import MllmError
 
 PLANS = ("arank", "prd", "layers=...")
 FIT_TARGETS = ("attention", "update_norm")
 RIDGE = 0.1  # relative to the mean feature energy trace(X^T X) / d; held-out overlap is flat in 1e-3..10 on tiny models
 MOD_SCORE = ScoreSpec(query_rows="text", head_reduction="mean")  # attention router and the fitting target
+
+
+@dataclass(frozen=True)
+class ModOptions(CommonOptions):
+    plan: str = option("arank", "--plan", "routed layers: arank (default; needs --data), prd (p-MoD decay) or layers=L1,L2,...")
+    capacity: list[float] | None = option(
+        None, "--capacity", "share of visual tokens a routed layer processes: one value or one per routed layer (default 0.5)",
+        float_list)
+    dense_layers: int | None = option(None, "--dense-layers", "arank: highest-ARank layers kept dense (default 4)", int)
+    router: str = option("fitted", "--router", "fitted (default; needs --data), attention, or trained (needs --router-file)")
+    router_file: str | None = option(None, "--router-file", "trained router checkpoint (safetensors, layout in docs/mod.md)")
+    skip: str = option("identity", "--skip", "skipped visual tokens: identity (default) or tanh_scale (p-MoD; trained routers)")
+    fit_target: str = option("attention", "--fit-target", "fitted routers regress onto: attention (default) or update_norm")
+
+    method = "mod"
+    cli_group = "mod (mixture-of-depths, docs/mod.md)"
+    flags_only_for_this_method = True  # --plan, --router, --skip ... with another --method: an error, not ignored
 
 
 @dataclass(frozen=True)
@@ -98,11 +116,100 @@ def mod_recipe(spec, plan: ModPlan, router: str, skip: str = "identity", selecte
                         " keep it dense (--plan layers=... without 0, or more --dense-layers)")
     capacity = dict(zip(plan.layers, plan.capacity))
     visual = [capacity_tokens(n, capacity[l]) if l in capacity else n for l in range(spec.text.num_layers)]
-    mod = {"layers": list(plan.layers), "capacity": [float(c) for c in plan.capacity], "router": router,
-           "router_input": router_input, "skip": skip, "selected_scale": selected_scale, "router_file": None,
-           "router_sha256": None, "tanh_alpha": tanh_alpha, **(extra_mod or {})}
+    mod = ModBlock(layers=tuple(plan.layers), capacity=tuple(float(c) for c in plan.capacity), router=router,
+                   router_input=router_input, skip=skip, selected_scale=selected_scale, tanh_alpha=tanh_alpha,
+                   **(extra_mod or {}))
     return Recipe(model=model_ref(spec), method={"name": "mod", "plan": plan.source, "router": router},
                   visual_tokens=visual, score=MOD_SCORE, mod=mod)
+
+
+# ---- calib-mllm --method mod ---------------------------------------------------------------------
+def check_options(options: ModOptions) -> tuple[str, list[int] | None]:
+    """Every bad combination of MoD flags fails here, before any model is loaded."""
+    kind, explicit = parse_plan(options.plan)
+    router = options.router
+    if router not in MOD_ROUTERS:
+        raise MllmError(f"--router must be one of {', '.join(MOD_ROUTERS)}, got {router!r}")
+    if options.skip not in MOD_SKIP_RULES:
+        raise MllmError(f"--skip must be one of {', '.join(MOD_SKIP_RULES)}, got {options.skip!r}")
+    if options.fit_target not in FIT_TARGETS:
+        raise MllmError(f"--fit-target must be one of {', '.join(FIT_TARGETS)}, got {options.fit_target!r}")
+    if router == "trained" and not options.router_file:
+        raise MllmError("--router trained needs --router-file (a safetensors checkpoint, layout in docs/mod.md)")
+    if router != "trained" and options.router_file:
+        raise MllmError(f"--router-file is for --router trained; --router {router} has no checkpoint")
+    if options.skip == "tanh_scale" and router != "trained":
+        raise MllmError(f"--skip tanh_scale scales skipped tokens by a TanhNorm of a trained router's score;"
+                        f" --router {router} needs --skip identity")
+    needs_data = kind == "arank" or router == "fitted"
+    if needs_data and not options.data:
+        why = "--plan arank" if kind == "arank" else "--router fitted"
+        raise MllmError(f"{why} needs --data (a JSONL file or builtin:synthetic:N)")
+    if kind != "arank" and options.dense_layers is not None:
+        raise MllmError("--dense-layers applies to --plan arank only")
+    return kind, explicit
+
+
+def calibrate_mod(options: ModOptions, run: CalibRun) -> Recipe:
+    kind, explicit = check_options(options)
+    spec, log = run.spec, run.log
+    dense_layers = 4 if options.dense_layers is None else options.dense_layers
+    layers = spec.text.num_layers
+    if kind == "arank" and not 0 <= dense_layers < layers:
+        raise MllmError(f"--dense-layers must be in 0..{layers - 1} for a {layers}-layer model, got {dense_layers}")
+    # plans that need no data are checked before any model is loaded
+    plan = None if kind == "arank" else make_plan(kind, explicit, options.capacity, layers)
+    if plan is not None and options.router == "attention" and plan.layers and plan.layers[0] == 0:
+        mod_recipe(spec, plan, "attention")  # raises the one-line error
+    inputs, reference = [], None
+    if kind == "arank" or options.router == "fitted":
+        inputs = run.inputs(options)
+        reference = run.dense_reference()
+    records: dict = {}
+    if kind == "arank":
+        from mllm_deploy.calib.arank import arank_table, collect_arank
+
+        bar = progress(len(inputs), "arank")
+        try:
+            per_sample = []
+            for input_ids, pixel_values in inputs:
+                per_sample.append(collect_arank(reference, input_ids, reference.image_features(pixel_values)))
+                bar.update(1)
+        finally:
+            bar.close()
+        table = arank_table(per_sample)
+        records["arank"] = {**table, "ranked_by": "arank_per_token", "dense_layers": dense_layers}
+        # samples differ in length and ARank grows with it: rank by ARank per token
+        plan = make_plan(kind, explicit, options.capacity, layers, table["arank_per_token"], dense_layers)
+    settings = dict(router_input="input_norm", selected_scale="none", tanh_alpha=None)
+    trained = None
+    if options.router == "trained":
+        from mllm_deploy.formats.routers import read_trained_checkpoint
+
+        trained = read_trained_checkpoint(options.router_file, plan.layers, spec.text.hidden_size)
+        uses_tanh = options.skip == "tanh_scale" or trained.selected_scale == "tanh_norm"
+        settings = dict(router_input=trained.router_input, selected_scale=trained.selected_scale,
+                        tanh_alpha=trained.tanh_alpha if uses_tanh else None)
+        records["trained_from"] = {"file": str(options.router_file), "sha256": trained.source_sha256}
+    recipe = mod_recipe(spec, plan, options.router, options.skip, extra_mod=records, **settings)
+    from mllm_deploy.formats.routers import canonical_tensors
+
+    if trained is not None:
+        recipe.routers = canonical_tensors(trained.routers)
+    elif options.router == "fitted":
+        bar = progress(spec.text.num_layers, "fit routers", unit="layer")
+        try:
+            routers, quality = fit_routers(reference, recipe, inputs, options.fit_target, progress=lambda: bar.update(1))
+        finally:
+            bar.close()
+        recipe.routers = canonical_tensors(routers)
+        recipe.mod = replace(recipe.mod, fit_quality=quality)
+        cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+        log("mod: fitted routers, top-k overlap with the target per layer (held-out / train / random): " + ", ".join(
+            f"{l}: {cell(r['held_out'])} / {cell(r['train'])} / {cell(r['random'])}" for l, r in quality["layers"].items()))
+    log(f"mod: plan {plan.source}, routed layers {plan.layers}, visual tokens processed per layer {recipe.visual_tokens},"
+        f" router {options.router}, skip {options.skip}")
+    return recipe
 
 
 # ---- fitting ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from mllm_deploy.calib import scoring
+from mllm_deploy.calib.reference_layers import PrefillState
 from mllm_deploy.formats.routers import LinearRouter
 
 
@@ -37,7 +38,7 @@ class ModRun:
     positions: torch.Tensor  # [T]
     vis_start: int
     n_vis: int
-    state: object  # reference.PrefillState
+    state: PrefillState
     attention_scores: torch.Tensor | None = None  # [n_vis] float32, the attention router's running scores
 
 
@@ -47,29 +48,30 @@ def tanh_norm(scores: torch.Tensor, alpha: float) -> torch.Tensor:
 
 class ModExecutor:
     def __init__(self, reference, recipe, routers: dict[int, LinearRouter] | None):
-        self.ref = reference
+        """``reference``: the RecipeReference this runs for; its ``stack`` (calib/reference_layers.TextStack)
+        does the layer arithmetic."""
+        self.stack = reference.stack
+        self.layers = self.stack.text.layers
         self.recipe = recipe
         self.mod = recipe.mod
         self.routed = set(recipe.mod_layers)
         self.routers = routers if routers is not None else {}  # fitting adds layers as it goes
-        self.alpha = float(self.mod.get("tanh_alpha") or 0.0)
+        self.alpha = float(self.mod.tanh_alpha or 0.0)
 
     # ---- pieces ------------------------------------------------------------------------------
     def start(self, input_ids: torch.Tensor, features: torch.Tensor) -> ModRun:
-        from mllm_deploy.calib.reference import PrefillState
-
-        x, vis_start = self.ref.embed(input_ids, features)
+        x, vis_start = self.stack.embed(input_ids, features)
         return ModRun(x, torch.arange(input_ids.shape[1]), vis_start, features.shape[1],
                       PrefillState(prompt_len=input_ids.shape[1]))
 
     def router_input(self, l: int, run: ModRun) -> torch.Tensor:
         """What layer l's linear router reads for each visual token: [n_vis, d]."""
         vis = run.x[0, run.vis_start:run.vis_start + run.n_vis]
-        return self.ref.text.layers[l].input_layernorm(vis) if self.mod["router_input"] == "input_norm" else vis
+        return self.layers[l].input_layernorm(vis) if self.mod.router_input == "input_norm" else vis
 
     def scores(self, l: int, run: ModRun) -> torch.Tensor:
         """Router score of every visual token at routed layer l, [n_vis] float32 (larger is processed)."""
-        if self.mod["router"] == "attention":
+        if self.mod.router == "attention":
             return run.attention_scores
         router = self.routers[l]
         u = self.router_input(l, run)
@@ -78,25 +80,25 @@ class ModExecutor:
 
     def dense_update_norm(self, l: int, run: ModRun) -> torch.Tensor:
         """||block(x) - x|| / ||x|| of each visual token if layer l processed every token: [n_vis]."""
-        layer = self.ref.text.layers[l]
-        q, k, v = self.ref._project(layer, layer.input_layernorm(run.x), run.positions)
-        y = run.x + layer.self_attn.o_proj(self.ref._attend(q, k, v, run.positions, run.positions))
+        layer, stack = self.layers[l], self.stack
+        q, k, v = stack.project(layer, layer.input_layernorm(run.x), run.positions)
+        y = run.x + layer.self_attn.o_proj(stack.attend(q, k, v, run.positions, run.positions))
         y = y + layer.mlp(layer.post_attention_layernorm(y))
         span = slice(run.vis_start, run.vis_start + run.n_vis)
         return ((y - run.x)[0, span].float().norm(dim=-1) / run.x[0, span].float().norm(dim=-1).clamp_min(1e-12))
 
     def dense_attention_scores(self, l: int, run: ModRun) -> torch.Tensor:
         """Text->visual attention of layer l if it processed every token: [n_vis] (fitting target)."""
-        layer = self.ref.text.layers[l]
-        q, k, _ = self.ref._project(layer, layer.input_layernorm(run.x), run.positions)
-        return scoring.visual_scores(self.recipe.score, q, self.ref._repeat(k), run.positions, run.vis_start, run.n_vis)
+        layer, stack = self.layers[l], self.stack
+        q, k, _ = stack.project(layer, layer.input_layernorm(run.x), run.positions)
+        return scoring.visual_scores(self.recipe.score, q, stack.repeat(k), run.positions, run.vis_start, run.n_vis)
 
     def _weights(self, scores: torch.Tensor, rule: str) -> torch.Tensor:
         return torch.sigmoid(scores) if rule == "sigmoid" else tanh_norm(scores, self.alpha)
 
     # ---- one layer ---------------------------------------------------------------------------
     def step(self, l: int, run: ModRun, observer=None) -> None:
-        ref, layer = self.ref, self.ref.text.layers[l]
+        stack, layer = self.stack, self.layers[l]
         vs, n = run.vis_start, run.n_vis
         routed = l in self.routed
         if routed:
@@ -106,29 +108,29 @@ class ModExecutor:
             x, positions, n_here = run.x[:, rows], run.positions[rows], len(keep)
         else:
             x, positions, n_here = run.x, run.positions, n
-        q, k, v = ref._project(layer, layer.input_layernorm(x), positions)
+        q, k, v = stack.project(layer, layer.input_layernorm(x), positions)
         run.state.cache.append((k, v))
         run.state.kept.append(positions.clone())
         if observer is not None:
-            observer(l, q, ref._repeat(k), positions, vs, n_here)
-        if self.mod["router"] == "attention" and l + 1 in self.routed:
-            fresh = scoring.visual_scores(self.recipe.score, q, ref._repeat(k), positions, vs, n_here)
+            observer(l, q, stack.repeat(k), positions, vs, n_here)
+        if self.mod.router == "attention" and l + 1 in self.routed:
+            fresh = scoring.visual_scores(self.recipe.score, q, stack.repeat(k), positions, vs, n_here)
             if routed:
                 run.attention_scores = run.attention_scores.clone()
                 run.attention_scores[keep] = fresh
             else:
                 run.attention_scores = fresh
-        y = x + layer.self_attn.o_proj(ref._attend(q, k, v, positions, positions))
+        y = x + layer.self_attn.o_proj(stack.attend(q, k, v, positions, positions))
         mlp = layer.mlp(layer.post_attention_layernorm(y))
-        if routed and self.mod["selected_scale"] != "none":
+        if routed and self.mod.selected_scale != "none":
             scale = torch.ones(x.shape[1])
-            scale[vs:vs + n_here] = self._weights(scores[keep], self.mod["selected_scale"])
+            scale[vs:vs + n_here] = self._weights(scores[keep], self.mod.selected_scale)
             mlp = mlp * scale.to(mlp.dtype)[None, :, None]
         y = y + mlp
         if not routed:
             run.x = y
             return
-        if self.mod["skip"] == "tanh_scale":
+        if self.mod.skip == "tanh_scale":
             scale = torch.ones(run.x.shape[1])
             scale[vs:vs + n] = tanh_norm(scores, self.alpha)
             out = run.x * scale.to(run.x.dtype)[None, :, None]
@@ -148,5 +150,4 @@ class ModExecutor:
         return self.logits(run), run.state
 
     def logits(self, run: ModRun) -> torch.Tensor:
-        model = self.ref.model
-        return model.lm_head(self.ref.text.norm(run.x[:, -1:]))[:, 0].float()
+        return self.stack.last_logits(run.x)

@@ -10,87 +10,44 @@ uses to evaluate a candidate. With a ``dense`` recipe it generates exactly what
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from mllm_deploy.calib import scoring
+from mllm_deploy.calib.mod_reference import ModExecutor
+from mllm_deploy.calib.reference_layers import PrefillState, TextStack, select_rows
 from mllm_deploy.formats.recipe import Recipe, random_scores
+
+__all__ = ["Observer", "PrefillState", "RecipeReference"]
 
 # observer(layer, q, k, positions, vis_start, n_vis): sees each layer's post-RoPE q and
 # GQA-repeated k over the tokens the layer processes (calibration statistics hook).
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], None]
 
 
-@dataclass
-class PrefillState:
-    cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [1, Hkv, T_l, Dh]
-    kept: list[torch.Tensor] = field(default_factory=list)  # per layer: original indices of its tokens
-    prompt_len: int = 0
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class RecipeReference:
     def __init__(self, model, recipe: Recipe, routers: dict | None = None):
-        """``routers``: MoD linear routers by layer (calib/mod_routers.LinearRouter); by default a MoD
+        """``routers``: MoD linear routers by layer (formats/routers.LinearRouter); by default a MoD
         recipe's own (its in-memory tensors or its router file)."""
         self.model = model.eval()
         self.recipe = recipe
+        self.stack = TextStack(self.model)
+        self.text = self.stack.text
         self._mod_executor = None
         if recipe.is_mod:
-            from mllm_deploy.calib.mod_reference import ModExecutor
             from mllm_deploy.formats.routers import recipe_routers
 
-            if routers is None and recipe.mod["router"] != "attention":
+            if routers is None and recipe.mod.router != "attention":
                 routers = recipe_routers(recipe)
             self._mod_executor = ModExecutor(self, recipe, routers)
-        self.text = model.model.language_model
-        cfg = self.text.config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.image_token_id = model.config.image_token_id
 
     # ---- pieces ------------------------------------------------------------------------------
-    @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.model.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)).pooler_output
-        return torch.stack(list(feats))  # [1, N, d]
-
-    def _project(self, layer, h, positions):
-        attn = layer.self_attn
-        t = h.shape[1]
-        q = attn.q_proj(h).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.text.rotary_emb(h, positions[None])
-        cos, sin = cos[:, None], sin[:, None]
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
-
-    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-
-    def _attend(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
-        """Causal attention by original positions; returns [1, Tq, H*Dh]."""
-        scores = q @ self._repeat(k).transpose(-1, -2) * self.head_dim**-0.5
-        future = k_pos[None, :] > q_pos[:, None]
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        ctx = probs @ self._repeat(v)
-        return ctx.transpose(1, 2).reshape(1, q.shape[2], -1)
+        return self.stack.image_features(pixel_values)  # [1, N, d]
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, int]:
-        where = (input_ids[0] == self.image_token_id).nonzero().flatten()
-        start = int(where[0])
-        x = self.text.embed_tokens(input_ids).clone()
-        x[:, start:start + features.shape[1]] = features.to(x.dtype)
-        return x, start
+        return self.stack.embed(input_ids, features)
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,8 +57,8 @@ class RecipeReference:
         and return the hidden states instead of logits (calibration shortcuts)."""
         if self._mod_executor is not None:
             return self._mod_executor.prefill(input_ids, features, observer, stop_after)
-        recipe = self.recipe
-        x, vis_start = self.embed(input_ids, features)
+        recipe, stack = self.recipe, self.stack
+        x, vis_start = stack.embed(input_ids, features)
         n_vis = features.shape[1]
         positions = torch.arange(input_ids.shape[1])
         state = PrefillState(prompt_len=input_ids.shape[1])
@@ -119,58 +76,56 @@ class RecipeReference:
                     elif recipe.score.attention_layer_offset == -1:
                         scores = pending_scores
                     else:
-                        q, k, _ = self._project(layer, layer.input_layernorm(x), positions)
-                        scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
+                        q, k, _ = stack.project(layer, layer.input_layernorm(x), positions)
+                        scores = scoring.visual_scores(recipe.score, q, stack.repeat(k), positions, vis_start, n_vis)
                     keep_vis = scoring.select_top(scores, want)
-                x, positions = self._select(x, positions, vis_start, n_vis, keep_vis)
+                x, positions = select_rows(x, positions, vis_start, n_vis, keep_vis)
                 n_vis = want
             h = layer.input_layernorm(x)
-            q, k, v = self._project(layer, h, positions)
+            q, k, v = stack.project(layer, h, positions)
             state.cache.append((k, v))
             state.kept.append(positions.clone())
             if observer is not None:
-                observer(l, q, self._repeat(k), positions, vis_start, n_vis)
+                observer(l, q, stack.repeat(k), positions, vis_start, n_vis)
             next_want = recipe.visual_tokens[l + 1] if l + 1 < recipe.num_layers else n_vis
             if (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
                     and recipe.score.combine != "random" and 0 < next_want < n_vis):
-                pending_scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
-            ctx = self._attend(q, k, v, positions, positions)
+                pending_scores = scoring.visual_scores(recipe.score, q, stack.repeat(k), positions, vis_start, n_vis)
+            ctx = stack.attend(q, k, v, positions, positions)
             if recipe.prune_stage == "after_attention" and mlp_tokens[l] < n_vis:
                 # FitPrune: rows leave after this layer's attention, before o_proj and the MLP
                 if recipe.score.combine == "random":
                     scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis)).to(x.device)
                 else:
-                    scores = scoring.visual_scores(recipe.score, q, self._repeat(k), positions, vis_start, n_vis)
+                    scores = scoring.visual_scores(recipe.score, q, stack.repeat(k), positions, vis_start, n_vis)
                 keep_vis = scoring.select_top(scores, mlp_tokens[l])
-                ctx, _ = self._select(ctx, positions, vis_start, n_vis, keep_vis)
-                x, positions = self._select(x, positions, vis_start, n_vis, keep_vis)
+                ctx, _ = select_rows(ctx, positions, vis_start, n_vis, keep_vis)
+                x, positions = select_rows(x, positions, vis_start, n_vis, keep_vis)
                 n_vis = mlp_tokens[l]
             x = x + layer.self_attn.o_proj(ctx)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if stop_after is not None:
             return x, state
-        logits = self.model.lm_head(self.text.norm(x[:, -1:]))[:, 0]
-        return logits.float(), state
+        return stack.last_logits(x), state
 
-    @staticmethod
-    def _select(x, positions, vis_start: int, n_vis: int, keep_vis: torch.Tensor):
-        rows = torch.cat([torch.arange(vis_start), vis_start + keep_vis, torch.arange(vis_start + n_vis, x.shape[1])])
-        return x[:, rows], positions[rows]
+    # the row selection the TokenSelect op reproduces (plugins/ops.py, tests/test_plugins.py)
+    _select = staticmethod(select_rows)
 
     # ---- decode ----------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, token: int, position: int, state: PrefillState) -> torch.Tensor:
+        stack = self.stack
         x = self.text.embed_tokens(torch.tensor([[token]]))
         pos = torch.tensor([position])
         for l, layer in enumerate(self.text.layers):
-            q, k, v = self._project(layer, layer.input_layernorm(x), pos)
+            q, k, v = stack.project(layer, layer.input_layernorm(x), pos)
             past_k, past_v = state.cache[l]
             k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             state.cache[l] = (k_all, v_all)
             state.kept[l] = torch.cat([state.kept[l], pos])
-            x = x + layer.self_attn.o_proj(self._attend(q, k_all, v_all, pos, state.kept[l]))
+            x = x + layer.self_attn.o_proj(stack.attend(q, k_all, v_all, pos, state.kept[l]))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.text.norm(x))[:, 0].float()
+        return stack.last_logits(x)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,

@@ -6,8 +6,44 @@ They work from a ModelSpec alone (a directory holding only config.json), so a re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from mllm_deploy.calib.common import CalibRun, CommonOptions, int_list, option
 from mllm_deploy.formats.recipe import Recipe, ScoreSpec, dense_recipe, model_ref
 from mllm_deploy.core.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class DenseOptions(CommonOptions):
+    method = "dense"
+
+
+@dataclass(frozen=True)
+class FastVOptions(CommonOptions):
+    k: int = option(2, "--fastv-k", "first pruned layer (default 2)", int)
+    r: float = option(0.5, "--fastv-r", "share of visual tokens dropped (default 0.5)", float)
+
+    method = cli_group = "fastv"
+
+
+@dataclass(frozen=True)
+class PDropOptions(CommonOptions):
+    layers: tuple[int, ...] = option((8, 16, 24), "--pdrop-layers", "stage layers (default 8,16,24)", int_list)
+    ratio: float = option(0.5, "--pdrop-ratio", "keep ratio per stage (default 0.5)", float)
+
+    method = cli_group = "pdrop"
+
+
+def calibrate_dense(options: DenseOptions, run: CalibRun) -> Recipe:
+    return dense_recipe(run.spec)
+
+
+def calibrate_fastv(options: FastVOptions, run: CalibRun) -> Recipe:
+    return fastv_recipe(run.spec, options.k, options.r)
+
+
+def calibrate_pdrop(options: PDropOptions, run: CalibRun) -> Recipe:
+    return pdrop_recipe(run.spec, options.layers, options.ratio)
 
 FITPRUNE_SCORE = ScoreSpec(query_rows="visual_and_text", head_reduction="max", combine="self_times_cross")
 

@@ -6,9 +6,42 @@ same with the withdrawal at layer k; K is the first k whose mean KL(p_k || p_ful
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from mllm_deploy.calib.common import CalibRun, CommonOptions, option, progress
+from mllm_deploy.core.errors import MllmError
 from mllm_deploy.formats.recipe import Recipe, model_ref
+
+
+@dataclass(frozen=True)
+class VtwOptions(CommonOptions):
+    eta: float = option(0.003, "--vtw-eta", "KL threshold (default 0.003, LLaVA-1.5-7B)", float)
+    first_layer: int = option(5, "--vtw-first-layer", "first candidate layer (default 5)", int)
+
+    method = cli_group = "vtw"
+
+
+def calibrate_vtw(options: VtwOptions, run: CalibRun) -> Recipe:
+    if not options.data:
+        raise MllmError("--method vtw needs --data (a JSONL file or builtin:synthetic:N)")
+    spec = run.spec
+    inputs = run.inputs(options)
+    model = run.hf_model()
+    bar = progress(len(inputs), "vtw KL search")
+    try:
+        curve = kl_curve(model, spec, inputs, options.first_layer, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+    layer = choose_layer(curve, options.eta, spec.text.num_layers)
+    recipe = vtw_recipe_at(spec, layer)
+    recipe.method = {"name": "vtw", "eta": options.eta, "layer": layer}
+    recipe.extra = {"kl_curve": {str(k): v for k, v in sorted(curve.items())},
+                    "withdrawn": layer < spec.text.num_layers}
+    run.log(f"vtw: withdrawal layer {layer} (eta {options.eta}); KL curve "
+            + ", ".join(f"{k}:{v:.2e}" for k, v in sorted(curve.items())))
+    return recipe
 
 
 def vtw_recipe_at(spec, k: int) -> Recipe:

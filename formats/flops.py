@@ -113,7 +113,7 @@ def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: i
     before against that layer's keys (docs/mod.md)."""
     processed = list(recipe.visual_tokens)
     routed = recipe.mod_layers
-    if recipe.mod["router"] != "attention":
+    if recipe.mod.router != "attention":
         return TokenPlan(processed, processed, [], tuple((l, spec.visual_tokens, 1) for l in routed))
     after = text_tokens - prefix_tokens
     rows = {"last_text": 1, "text": after, "visual_and_text": None}[recipe.score.query_rows]

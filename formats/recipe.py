@@ -15,15 +15,18 @@ ranked there. This module imports nothing heavy: the runtime and flops-mllm read
 Mixture-of-depths (``method.name == "mod"``, docs/mod.md) is not pruning: a visual token a MoD
 layer skips stays in the sequence and later layers may process it again. ``visual_tokens[l]`` is
 then the number of visual tokens layer ``l`` *processes* (its capacity; ``N`` for dense layers),
-so it need not be monotonic, and the ``mod`` block names the routed layers, the router and the
-skipped-token rule. Routers with weights live in a safetensors file next to the recipe
+so it need not be monotonic, and the ``mod`` block (:class:`ModBlock`) names the routed layers, the
+router and the skipped-token rule. Routers with weights live in a safetensors file next to the recipe
 (``mod.router_file``, its sha256 in ``mod.router_sha256``), written by :func:`save_recipe`.
+
+``method`` stays an object: its name (:attr:`Recipe.method_name`, :attr:`Recipe.is_mod`) and the
+method's parameters, a record for people that no code branches on.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,73 @@ class ScoreSpec:
 
 
 @dataclass(frozen=True)
+class ModBlock:
+    """The ``mod`` block of a mixture-of-depths recipe (docs/mod.md); JSON keys are the field names."""
+
+    layers: tuple[int, ...]  # routed layers, ascending
+    capacity: tuple[float, ...]  # per routed layer, share of the N visual tokens processed
+    router: str  # MOD_ROUTERS
+    router_input: str = "input_norm"  # MOD_ROUTER_INPUTS
+    skip: str = "identity"  # MOD_SKIP_RULES
+    selected_scale: str = "none"  # MOD_SELECTED_SCALES
+    router_file: str | None = None  # beside the recipe, written by save_recipe
+    router_sha256: str | None = None
+    tanh_alpha: float | None = None  # TanhNorm's alpha, when a tanh rule is used
+    # records of the calibration (in the JSON only when present)
+    arank: dict[str, Any] | None = None
+    trained_from: dict[str, Any] | None = None
+    fit_quality: dict[str, Any] | None = None
+
+    RECORDS = ("arank", "trained_from", "fit_quality")  # not a field: no annotation
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "capacity", tuple(self.capacity))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name in self._present()}
+        return {**d, "layers": list(self.layers), "capacity": list(self.capacity)}
+
+    def _present(self) -> set[str]:
+        """The JSON keys: every field but the records that are None."""
+        return {f.name for f in fields(self) if f.name not in self.RECORDS or getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], num_layers: int) -> "ModBlock":
+        """Field types checked here (a RecipeError naming the field); the rules between fields and the
+        visual-token counts are checked by :meth:`Recipe.validate`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RecipeError(f"recipe mod has unknown keys {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}")
+        layers, capacity = d.get("layers"), d.get("capacity")
+        if not isinstance(layers, list) or not all(_is_int(l) for l in layers):
+            raise RecipeError(f"recipe mod.layers must be a non-empty ascending list of layers in 0..{num_layers - 1}")
+        if not isinstance(capacity, list) or not all(_is_number(c) for c in capacity):
+            raise RecipeError("recipe mod.capacity must list one share per routed layer")
+        # router, skip, ... of another type fail validate()'s vocabulary check, by name
+        kinds = {"a string": str, "a number": (int, float), "an object": dict}
+        expected = {"router_file": "a string", "router_sha256": "a string", "tanh_alpha": "a number",
+                    **dict.fromkeys(cls.RECORDS, "an object")}
+        for key, what in expected.items():
+            value = d.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds[what])):
+                raise RecipeError(f"recipe mod.{key} must be {what} or null, got {value!r}")
+        # the four rules have no default in a file: a missing one fails validate() by name
+        return cls(**{**d, **{k: d.get(k) for k in ("router", "router_input", "skip", "selected_scale")}})
+
+    # Temporary dict-style reads, as of the JSON object, until export/mod_prefill.py, export/llava_export.py
+    # and formats/routers.py read the fields.
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._present():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._present() else default
+
+
+@dataclass(frozen=True)
 class ModelRef:
     architecture: str
     num_layers: int
@@ -70,7 +140,7 @@ class Recipe:
     final_visual_tokens: int | None = None  # after the last layer (after_attention methods)
     score: ScoreSpec = field(default_factory=ScoreSpec)
     positions: str = "original"  # pruned tokens keep their position ids
-    mod: dict[str, Any] | None = None
+    mod: ModBlock | None = None
     flops: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific records (KL curve, alpha, ...)
@@ -95,7 +165,7 @@ class Recipe:
     @property
     def mod_layers(self) -> list[int]:
         """Routed (mixture-of-depths) layers; empty for other methods."""
-        return [int(l) for l in (self.mod or {}).get("layers", [])] if self.is_mod else []
+        return list(self.mod.layers) if self.is_mod and self.mod is not None else []
 
     def mlp_visual_tokens(self) -> list[int]:
         """Visual tokens seen by o_proj and the MLP of each layer."""
@@ -118,7 +188,9 @@ class Recipe:
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("serialise", True)}
-        d = {k: asdict(v) if k in ("model", "score") else json.loads(json.dumps(v)) for k, v in d.items()}
+        d = {k: asdict(v) if k in ("model", "score") else v for k, v in d.items()}
+        d["mod"] = self.mod.to_dict() if self.mod is not None else None
+        d = {k: v if k in ("model", "score") else json.loads(json.dumps(v)) for k, v in d.items()}
         return {"schema": RECIPE_SCHEMA, **d}
 
     def to_json(self) -> str:
@@ -142,7 +214,7 @@ class Recipe:
                 final_visual_tokens=d.get("final_visual_tokens"),
                 score=score,
                 positions=d.get("positions", "original"),
-                mod=d.get("mod"),
+                mod=ModBlock.from_dict(d["mod"], model.num_layers) if d.get("mod") is not None else None,
                 flops=d.get("flops"),
                 provenance=dict(d.get("provenance", {})),
                 extra=dict(d.get("extra", {})),
@@ -179,20 +251,18 @@ class Recipe:
 
     def _validate_mod(self) -> None:
         mod, limit = self.mod, self.model.visual_tokens
-        if not isinstance(mod, dict):
+        if not isinstance(mod, ModBlock):
             raise RecipeError("a mod recipe needs a 'mod' object (routed layers, router, skip rule)")
         if self.prune_stage != "layer_input" or self.final_visual_tokens is not None:
             raise RecipeError("a mod recipe routes at each layer's input (prune_stage layer_input, no final_visual_tokens)")
         for key, allowed in (("router", MOD_ROUTERS), ("skip", MOD_SKIP_RULES),
                              ("selected_scale", MOD_SELECTED_SCALES), ("router_input", MOD_ROUTER_INPUTS)):
-            if mod.get(key) not in allowed:
-                raise RecipeError(f"recipe mod.{key} {mod.get(key)!r} is not one of {', '.join(allowed)}")
-        layers = mod.get("layers")
-        if not isinstance(layers, list) or not layers or layers != sorted(set(layers)) \
-                or not all(isinstance(l, int) and 0 <= l < self.num_layers for l in layers):
+            if getattr(mod, key) not in allowed:
+                raise RecipeError(f"recipe mod.{key} {getattr(mod, key)!r} is not one of {', '.join(allowed)}")
+        layers = list(mod.layers)
+        if not layers or layers != sorted(set(layers)) or not all(_is_int(l) and 0 <= l < self.num_layers for l in layers):
             raise RecipeError(f"recipe mod.layers must be a non-empty ascending list of layers in 0..{self.num_layers - 1}")
-        capacity = mod.get("capacity")
-        if not isinstance(capacity, list) or len(capacity) != len(layers):
+        if len(mod.capacity) != len(layers):
             raise RecipeError("recipe mod.capacity must list one share per routed layer")
         for l, n in enumerate(self.visual_tokens):
             routed = l in layers
@@ -200,26 +270,24 @@ class Recipe:
                 raise RecipeError(f"recipe routes layer {l} but its capacity visual_tokens[{l}] = {n} is not in 1..{limit - 1}")
             if not routed and n != limit:
                 raise RecipeError(f"recipe visual_tokens[{l}] = {n}: a layer mod does not route processes all {limit}")
-        router = mod["router"]
-        if router == "attention":
+        if mod.router == "attention":
             if layers[0] == 0:
                 raise RecipeError("the attention router ranks with the previous layer's attention: layer 0 cannot be routed")
-            if mod.get("router_file") or mod["skip"] != "identity" or mod["selected_scale"] != "none":
+            if mod.router_file or mod.skip != "identity" or mod.selected_scale != "none":
                 raise RecipeError("the attention router has no weights: no router_file, skip identity, selected_scale none")
-        elif self.routers is None and not mod.get("router_file"):
-            raise RecipeError(f"recipe mod.router {router!r} needs mod.router_file (the router weights)")
-        if mod.get("router_file") and (not isinstance(mod["router_file"], str) or Path(mod["router_file"]).name != mod["router_file"]):
-            raise RecipeError(f"recipe mod.router_file {mod['router_file']!r} must be a file name beside the recipe")
-        if mod["skip"] == "tanh_scale" or mod["selected_scale"] == "tanh_norm":
-            alpha = mod.get("tanh_alpha")
-            if not isinstance(alpha, (int, float)):
+        elif self.routers is None and not mod.router_file:
+            raise RecipeError(f"recipe mod.router {mod.router!r} needs mod.router_file (the router weights)")
+        if mod.router_file and (not isinstance(mod.router_file, str) or Path(mod.router_file).name != mod.router_file):
+            raise RecipeError(f"recipe mod.router_file {mod.router_file!r} must be a file name beside the recipe")
+        if mod.skip == "tanh_scale" or mod.selected_scale == "tanh_norm":
+            if not _is_number(mod.tanh_alpha):
                 raise RecipeError("recipe mod.tanh_alpha must be a number when a TanhNorm rule is used")
 
     def router_path(self) -> Path | None:
         """Where the router file of a MoD recipe is (relative to the recipe's directory)."""
-        if not self.is_mod or not self.mod.get("router_file"):
+        if not self.is_mod or self.mod is None or not self.mod.router_file:
             return None
-        name = Path(self.mod["router_file"])
+        name = Path(self.mod.router_file)
         return (self.base_dir or Path(".")) / name
 
     def check_model(self, spec) -> None:
@@ -238,6 +306,10 @@ class Recipe:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_field_types(d: dict) -> None:
@@ -286,13 +358,8 @@ def random_scores(seed: int, layer: int, n_vis: int):
 
 
 def model_ref(spec) -> ModelRef:
-    return ModelRef(
-        architecture=spec.architecture,
-        num_layers=spec.text.num_layers,
-        hidden_size=spec.text.hidden_size,
-        visual_tokens=spec.visual_tokens,
-        fingerprint=spec.fingerprint,
-    )
+    return ModelRef(architecture=spec.architecture, num_layers=spec.text.num_layers, hidden_size=spec.text.hidden_size,
+                    visual_tokens=spec.visual_tokens, fingerprint=spec.fingerprint)
 
 
 def dense_recipe(spec) -> Recipe:
@@ -325,8 +392,8 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         from mllm_deploy.formats.routers import router_file_bytes  # safetensors, only when routers are written
 
         data = router_file_bytes(recipe.routers)
-        recipe.mod = {**recipe.mod, "router_file": router_file_name(path),
-                      "router_sha256": hashlib.sha256(data).hexdigest()}
+        recipe.mod = replace(recipe.mod, router_file=router_file_name(path),
+                             router_sha256=hashlib.sha256(data).hexdigest())
         atomic_write_bytes(path.parent / router_file_name(path), data)
     recipe.base_dir = path.resolve().parent
     atomic_write_text(path, recipe.to_json())

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mllm_deploy.calib.fitprune import FitPruneOptions
+from mllm_deploy.calib.static_methods import FastVOptions, PDropOptions
+from mllm_deploy.calib.vtw import VtwOptions
 from mllm_deploy.models.presets import LLAVA15_7B
 from mllm_deploy.models.tiny import TinyLlavaConfig
 
@@ -83,23 +86,23 @@ def write_config_only_model(path: Path, config: dict = LLAVA15_7B_CONFIG) -> Pat
 # ---- pruned recipes and bundles (FastV, PyramidDrop, VTW, FitPrune) on two tiny geometries ----
 METHODS = {
     # name -> calibration options per tiny config
-    "fastv": dict(method="fastv", fastv_k=2, fastv_r=0.5),
-    "pdrop": dict(method="pdrop", pdrop_layers=[1, 2], pdrop_ratio=0.5),
-    "vtw": dict(method="vtw", data="builtin:synthetic:3", vtw_eta=10.0, vtw_first_layer=1),
-    "fitprune": dict(method="fitprune", data="builtin:synthetic:3", budget=0.5),
+    "fastv": FastVOptions(k=2, r=0.5),
+    "pdrop": PDropOptions(layers=[1, 2], ratio=0.5),
+    "vtw": VtwOptions(data="builtin:synthetic:3", eta=10.0, first_layer=1),
+    "fitprune": FitPruneOptions(data="builtin:synthetic:3", budget=0.5),
 }
 CONFIGS = ["gqa56", "gqa70"]
 
 
 @pytest.fixture(scope="session")
 def recipes(tiny_model_dirs, tmp_path_factory):
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
 
     root = tmp_path_factory.mktemp("recipes")
     out = {}
     for config in CONFIGS:
         for name, options in METHODS.items():
-            recipe = calibrate(str(tiny_model_dirs[config]), CalibOptions(**options), log=lambda m: None)
+            recipe = calibrate(str(tiny_model_dirs[config]), options, log=lambda m: None)
             path = root / f"{config}-{name}.json"
             path.write_text(recipe.to_json())
             out[config, name] = path

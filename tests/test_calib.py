@@ -102,6 +102,40 @@ def test_published_schedule_from_config_only(tmp_path):
     assert fastv.visual_tokens[2] == 288
 
 
+def test_methods_registry_and_flags():
+    """Each registered method: an options dataclass that extends the common one and names its method, a
+    calibrate function; every flag belongs to one field; flags map onto the chosen method's fields."""
+    from dataclasses import fields
+
+    from mllm_deploy.calib import methods
+    from mllm_deploy.calib.common import CommonOptions
+    from mllm_deploy.calib.static_methods import FastVOptions
+
+    assert methods.names() == ["dense", "fastv", "pdrop", "vtw", "fitprune", "mod"]
+    flags = [f.metadata["flag"] for f in fields(CommonOptions)]
+    for name in methods.names():
+        method = methods.get(name)
+        assert issubclass(method.options, CommonOptions) and method.options.method == name and callable(method.calibrate)
+        assert methods.method_of(method.options()) == method
+        flags += [f.metadata["flag"] for f in fields(method.options) if f.name not in CommonOptions.__dataclass_fields__]
+    assert len(flags) == len(set(flags))
+    assert methods.options_from_flags("fastv", {"fastv_k": 3, "fastv_r": None, "seed": 7, "plan": "prd"}) == \
+        FastVOptions(k=3, seed=7)
+    with pytest.raises(TypeError, match="not the options class"):
+        methods.method_of(CommonOptions())
+
+
+def test_legacy_calib_options_map_onto_typed_options():
+    from mllm_deploy.calib.calibrate import CalibOptions
+    from mllm_deploy.calib.fitprune import FitPruneOptions
+    from mllm_deploy.calib.mod import ModOptions
+
+    assert CalibOptions(method="fitprune", budget=0.5, data="d", fastv_k=3) == FitPruneOptions(budget=0.5, data="d")
+    assert CalibOptions("mod", mod_plan="prd", mod_router="attention") == ModOptions(plan="prd", router="attention")
+    with pytest.raises(TypeError, match="bogus"):
+        CalibOptions("fastv", bogus=1)
+
+
 def test_calibration_is_deterministic(tiny_model_dirs, tmp_path):
     a = json.loads((lambda r: r.to_json())(calib(tiny_model_dirs["mha42"], tmp_path / "a.json", "--method", "fitprune",
                                                  "--budget", "0.4", "--data", "builtin:synthetic:4")))

@@ -41,27 +41,29 @@ def write_pmod_checkpoint(path, hidden: int, layers, seed: int) -> None:
                                             "tanh_alpha": "0.3"})
 
 
-def _options(config: str, router: str, work, spec) -> dict:
+def _options(config: str, router: str, work, spec):
+    from mllm_deploy.calib.mod import ModOptions
+
     layers = spec.text.num_layers
     if router == "attention":  # layer 0 stays dense: it has no previous layer to rank with
-        return dict(mod_plan="layers=" + ",".join(map(str, range(1, layers))), mod_capacity=[0.5], mod_router="attention")
+        return ModOptions(plan="layers=" + ",".join(map(str, range(1, layers))), capacity=[0.5], router="attention")
     if router == "fitted":  # fitted routers; on gqa56 with the ARank plan (both from calibration data)
-        plan = dict(mod_plan="arank", mod_dense_layers=1) if config == "gqa56" else dict(mod_plan="layers=1,2")
-        return dict(mod_router="fitted", data="builtin:synthetic:3", mod_capacity=[0.4], **plan)
+        plan = dict(plan="arank", dense_layers=1) if config == "gqa56" else dict(plan="layers=1,2")
+        return ModOptions(router="fitted", data="builtin:synthetic:3", capacity=[0.4], **plan)
     if config == "gqa56":  # p-MoD: ratio-decay plan, TanhNorm on skipped and selected tokens
         from mllm_deploy.calib.arank import prd_plan
 
         path = work / "pmod.safetensors"
         write_pmod_checkpoint(path, spec.text.hidden_size, prd_plan(layers)[0], seed=4)
-        return dict(mod_plan="prd", mod_router="trained", mod_router_file=str(path), mod_skip="tanh_scale")
+        return ModOptions(plan="prd", router="trained", router_file=str(path), skip="tanh_scale")
     path = work / "gamma.safetensors"  # gamma-MoD: shared router, layer 0 routed too
     write_gamma_checkpoint(path, spec.text.hidden_size, seed=5)
-    return dict(mod_plan="layers=0,2", mod_capacity=[0.5, 0.3], mod_router="trained", mod_router_file=str(path))
+    return ModOptions(plan="layers=0,2", capacity=[0.5, 0.3], router="trained", router_file=str(path))
 
 
 @pytest.fixture(scope="module")
 def mod_recipes(tiny_model_dirs, tmp_path_factory):
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
     from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.models.registry import load_spec
 
@@ -70,8 +72,7 @@ def mod_recipes(tiny_model_dirs, tmp_path_factory):
         spec = load_spec(str(tiny_model_dirs[config]))[1]
         for router in ROUTERS:
             work = tmp_path_factory.mktemp(f"mod-{config}-{router}")
-            recipe = calibrate(str(tiny_model_dirs[config]),
-                               CalibOptions(method="mod", **_options(config, router, work, spec)), log=lambda m: None)
+            recipe = calibrate(str(tiny_model_dirs[config]), _options(config, router, work, spec), log=lambda m: None)
             path = work / "recipe.json"
             save_recipe(recipe, path)
             out[config, router] = path
@@ -113,7 +114,7 @@ def test_mod_bundle_generates_like_reference(config, router, routing, mod_bundle
     from mllm_deploy.runtime.pipeline import Pipeline
 
     recipe = load_recipe(mod_recipes[config, router])
-    assert recipe.is_mod and recipe.mod["router"] == router and recipe.mod_layers
+    assert recipe.is_mod and recipe.mod.router == router and recipe.mod_layers
     bundle = mod_bundles(config, router, routing)
     image = make_image(tmp_path / "q.png", size=(83, 71), seed=11)
     with Pipeline.load(bundle) as pipe:
@@ -133,7 +134,7 @@ def test_mod_kv_lengths_are_capacity_plus_text(config, router, mod_bundles, mod_
 
     recipe = load_recipe(mod_recipes[config, router])
     n = recipe.model.visual_tokens
-    capacity = {l: round(c * n) for l, c in zip(recipe.mod["layers"], recipe.mod["capacity"])}
+    capacity = {l: round(c * n) for l, c in zip(recipe.mod.layers, recipe.mod.capacity)}
     bundle = mod_bundles(config, router, "native")
     manifest = json.loads((bundle / "manifest.json").read_text())
     outputs = {o["name"]: o["shape"] for o in manifest["graphs"]["prefill"]["outputs"]}
@@ -196,18 +197,18 @@ def test_fitted_recipe_records_arank_and_fit_quality(mod_recipes):
     from mllm_deploy.formats.recipe import load_recipe
 
     recipe = load_recipe(mod_recipes["gqa56", "fitted"])
-    table = recipe.mod["arank"]
+    table = recipe.mod.arank
     assert len(table["arank"]) == recipe.num_layers and table["dense_layers"] == 1
     dense = [l for l in range(recipe.num_layers) if l not in recipe.mod_layers]
     assert dense == [int(np.argmax(table["arank_per_token"]))]  # the highest-ARank layer stays dense
-    quality = recipe.mod["fit_quality"]
+    quality = recipe.mod.fit_quality
     assert quality["target"] == "attention" and quality["held_out_samples"] == 1
     assert sorted(int(l) for l in quality["layers"]) == recipe.mod_layers
     for l, record in quality["layers"].items():
         for key in ("held_out", "train", "random"):
             assert 0.0 <= record[key] <= 1.0
         assert record["random"] == pytest.approx(recipe.visual_tokens[int(l)] / recipe.model.visual_tokens)
-    assert (mod_recipes["gqa56", "fitted"].parent / recipe.mod["router_file"]).is_file()
+    assert (mod_recipes["gqa56", "fitted"].parent / recipe.mod.router_file).is_file()
 
 
 def test_trained_checkpoint_round_trip(tiny_model_dirs, hf_models, tmp_path):
@@ -229,7 +230,7 @@ def test_trained_checkpoint_round_trip(tiny_model_dirs, hf_models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "r.routers.safetensors" in proc.stdout
     recipe = load_recipe(tmp_path / "r.json", spec)
-    assert recipe.mod["selected_scale"] == "sigmoid" and recipe.mod["router_input"] == "input_norm"
+    assert recipe.mod.selected_scale == "sigmoid" and recipe.mod.router_input == "input_norm"
     weight, bias = tensors["shared.router.weight"], tensors["shared.router.bias"]
     for l, router in recipe_routers(recipe).items():
         np.testing.assert_allclose(router.weight, weight[1] - weight[0], rtol=1e-6)
@@ -251,7 +252,7 @@ def test_trained_checkpoint_round_trip(tiny_model_dirs, hf_models, tmp_path):
     assert visual.tolist() == expected.tolist()
     assert len(kept[0]) == ids.shape[1] - spec.visual_tokens + k and len(kept[1]) == ids.shape[1]
 
-    (tmp_path / recipe.mod["router_file"]).write_bytes(b"altered")
+    (tmp_path / recipe.mod.router_file).write_bytes(b"altered")
     with pytest.raises(RecipeError, match="router_sha256"):
         RecipeReference(model, load_recipe(tmp_path / "r.json"))
 
@@ -312,6 +313,24 @@ def test_recipe_validation(mod_recipes):
     for change, needle in bad:
         broken = json.loads(json.dumps(data))
         change(broken)
+        with pytest.raises(RecipeError, match=needle):
+            Recipe.from_dict(broken)
+
+
+def test_mod_block_is_typed_with_the_same_json(mod_recipes):
+    from mllm_deploy.core.errors import RecipeError
+    from mllm_deploy.formats.recipe import ModBlock, Recipe
+
+    for router in ROUTERS:
+        data = json.loads(mod_recipes["gqa56", router].read_text())
+        recipe = Recipe.from_dict(data)
+        assert isinstance(recipe.mod, ModBlock) and recipe.to_dict() == data
+    for change, needle in ((lambda m: m.__setitem__("routers", 1), "unknown keys 'routers'"),
+                           (lambda m: m.__setitem__("capacity", ["half"]), "mod.capacity"),
+                           (lambda m: m.__setitem__("tanh_alpha", "0.5"), "mod.tanh_alpha"),
+                           (lambda m: m.__setitem__("fit_quality", [1]), "mod.fit_quality")):
+        broken = json.loads(json.dumps(data))
+        change(broken["mod"])
         with pytest.raises(RecipeError, match=needle):
             Recipe.from_dict(broken)
 

@@ -184,13 +184,15 @@ def test_export_check_trt_flag(tiny_model_dirs, recipes, tmp_path):
 def test_random_selection_baseline(base, routing, tiny_model_dirs, hf_models, tmp_path):
     """Same token counts as the method, a fixed random subset: no ranking in the graph, and the
     bundle still generates what the reference of its recipe generates."""
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from dataclasses import replace
+
+    from mllm_deploy.calib.calibrate import calibrate
     from mllm_deploy.calib.reference import RecipeReference
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.runtime.pipeline import Pipeline
 
-    options = dict(METHODS[base], random_selection=True, seed=5)
-    recipe = calibrate(str(tiny_model_dirs["gqa56"]), CalibOptions(**options), log=lambda m: None)
+    options = replace(METHODS[base], random_selection=True, seed=5)
+    recipe = calibrate(str(tiny_model_dirs["gqa56"]), options, log=lambda m: None)
     assert recipe.score.combine == "random" and recipe.method["selection"] == "random"
     path = tmp_path / "random.json"
     path.write_text(recipe.to_json())

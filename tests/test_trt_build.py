@@ -29,13 +29,14 @@ MACHINE = dict(tensorrt="10.3.0.30", gpu="Orin", compute_capability="8.7")
 @pytest.fixture(scope="module")
 def bundles(tiny_model_dirs, tiny_bundles, tmp_path_factory) -> dict[str, Path]:
     """Dense, FastV (plugin routing: VisualScore + TokenSelect) and PyramidDrop (native, three KV lengths)."""
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
+    from mllm_deploy.calib.static_methods import FastVOptions, PDropOptions
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("trt-bundles")
     out = {"dense": tiny_bundles["gqa56"]}
-    for name, options, routing in (("fastv-plugin", CalibOptions("fastv", fastv_k=2, fastv_r=0.5), "plugin"),
-                                   ("pdrop-native", CalibOptions("pdrop", pdrop_layers=[1, 2], pdrop_ratio=0.5),
+    for name, options, routing in (("fastv-plugin", FastVOptions(k=2, r=0.5), "plugin"),
+                                   ("pdrop-native", PDropOptions(layers=[1, 2], ratio=0.5),
                                     "native")):
         recipe = calibrate(str(tiny_model_dirs["gqa56"]), options, log=lambda m: None)
         path = root / f"{name}.json"
