@@ -1,7 +1,8 @@
 """vision -> prefill -> decode over a bundle's three graphs, with a static per-layer KV cache.
 
 Short enough to read in one screen (gpt-fast's ``generate.py`` is the model): prompt ids and
-pixel values in, token ids out, timings recorded.
+pixel values in, token ids out, timings recorded. Every backend (onnxruntime, tensorrt, the PyTorch
+reference) runs through this loop; runtime/timing.py repeats it for benchmarks.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from mllm_deploy.formats.manifest import new_name, present_name
 class Timings:
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
-    decode_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)  # wall time of each decode step
     total_ms: float = 0.0
+    decode_backend_ms: list[float] = field(default_factory=list)  # of which inside the decode runner's infer()
 
     def to_dict(self) -> dict:
+        """run-mllm's ``timings`` (the backend split is bench-mllm's, runtime/timing.py)."""
         return {"vision_ms": self.vision_ms, "prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms,
                 "total_ms": self.total_ms}
 
@@ -40,6 +43,7 @@ class Generation:
     timings: Timings
     stop_reason: str  # "eos" or "length"
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (accuracy checks)
+    kv_tokens_per_layer: list[int] = field(default_factory=list)  # what each layer caches after prefill
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:
@@ -63,12 +67,8 @@ def check_finite(logits: np.ndarray, step: str, num_layers: int, dtype: str) -> 
 class Generator:
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", **backend_options):
         self.bundle = bundle
-        cls = runner_class(backend)
-        self.runners = {
-            graph: cls(bundle.graph_path(graph), bundle.graph_io(graph), graph,
-                       custom_ops=bundle.manifest["graphs"][graph].get("custom_ops", []), **backend_options)
-            for graph in ("vision", "prefill", "decode")
-        }
+        self.backend = backend
+        self.runners = runner_class(backend).for_bundle(bundle, **backend_options)
         model = bundle.manifest["model"]
         self.float_dtype = NP_DTYPES[bundle.dtype]
         self.num_kv_heads = int(model["text"]["num_kv_heads"])
@@ -149,7 +149,7 @@ class Generator:
         t2 = time.perf_counter()
         timings.vision_ms, timings.prefill_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         check_finite(logits, "prefill", self.bundle.num_layers, self.bundle.dtype)
-        first_logits = logits
+        first_logits, kv_tokens = logits, [int(n) for n in cache.lengths]
         tokens: list[int] = []
         stop_reason = "length"
         for step in range(max_new_tokens):
@@ -166,7 +166,8 @@ class Generator:
             # pruned tokens keep their original positions, so decode continues after the full prompt
             logits = self.decode(token, prompt_len + step, cache)
             timings.decode_ms.append((time.perf_counter() - ts) * 1e3)
+            timings.decode_backend_ms.append(self.runners["decode"].last_inference_ms)
             check_finite(logits, f"decode step {step + 1}", self.bundle.num_layers, self.bundle.dtype)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason,
-                          first_logits=first_logits)
+                          first_logits=first_logits, kv_tokens_per_layer=kv_tokens)

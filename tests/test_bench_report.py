@@ -71,6 +71,9 @@ def test_bench_torch_backend_gives_the_same_schema(tiny_bundles, tmp_path):
     (r,) = payload["results"]
     check_result(r, "torch")
     assert r["routing_share"] is None and r["decode_overhead_share"] is None
+    on_gpu = r["device"] != "cpu"  # the reference runs on CUDA in float16 when torch sees a GPU
+    assert r["run_dtype"] == ("float16" if on_gpu else "float32")
+    assert (r["peak_device_mb"] > 0) if on_gpu else r["peak_device_mb"] is None
 
 
 def test_routing_share_of_a_profile():

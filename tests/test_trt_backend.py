@@ -43,11 +43,11 @@ def fake_trt(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def mod_recipe(tiny_model_dirs, tmp_path_factory):
     """Mixture-of-depths with attention routers on layers 1-3 (no calibration data needed)."""
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
+    from mllm_deploy.calib.mod import ModOptions
     from mllm_deploy.formats.recipe import save_recipe
 
-    recipe = calibrate(str(tiny_model_dirs["gqa56"]), CalibOptions(method="mod", mod_plan="layers=1,2,3",
-                                                                   mod_capacity=[0.5], mod_router="attention"),
+    recipe = calibrate(str(tiny_model_dirs["gqa56"]), ModOptions(plan="layers=1,2,3", capacity=[0.5], router="attention"),
                        log=lambda m: None)
     path = tmp_path_factory.mktemp("mod-recipe") / "recipe.json"
     save_recipe(recipe, path)
@@ -94,7 +94,7 @@ def _build(bundle, fake, **changes):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_bundle_builds_with_shape_values_and_runs_like_onnxruntime(kind, tiny_bundles, pruned_bundles,
                                                                         mod_bundles, tmp_path, fake_trt):
-    from mllm_deploy.tools.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.timing import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = _bundle(kind, tiny_bundles, pruned_bundles, mod_bundles, tmp_path)
@@ -140,7 +140,7 @@ def test_todays_profile_and_binding_fail_on_the_stricter_fake(tiny_bundles, tmp_
     assert builder.build_serialized_network(network, config) is None
     assert logger_errors == ["image_start: optimization profile is missing values for shape input"]
 
-    from mllm_deploy.tools.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.timing import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     _build(bundle, fake_trt)
@@ -200,7 +200,7 @@ def test_timing_cache_is_kept_across_rebuilds(tiny_bundles, tmp_path, fake_trt):
 
 
 def test_decode_copies_only_new_kv_slots(tiny_bundles, tmp_path, fake_trt):
-    from mllm_deploy.tools.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.timing import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))
@@ -235,7 +235,7 @@ def test_stale_engine_and_missing_engines_are_refused(tiny_bundles, tmp_path, fa
 
 
 def test_prompt_longer_than_the_profile_is_refused(tiny_bundles, tmp_path, fake_trt):
-    from mllm_deploy.tools.bench_worker import synthetic_inputs
+    from mllm_deploy.runtime.timing import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
 
     bundle = load_bundle(shutil.copytree(tiny_bundles["gqa56"], tmp_path / "b"))

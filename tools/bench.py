@@ -1,7 +1,8 @@
 """bench-mllm's work: latency, memory and FLOPs of bundles, each measured in its own process.
 
 One child process per (bundle, backend) runs :mod:`mllm_deploy.tools.bench_worker`, so peak
-host RSS is that bundle's alone and one bundle's allocator state cannot slow the next. Results
+host RSS is that bundle's alone and one bundle's allocator state cannot slow the next; every
+backend is timed by the runtime's one loop (runtime/timing.py). Results
 follow schema ``mllm-deploy/bench@1``; speedups are ratios to the dense bundle measured in the
 same run on the same backend (DESIGN.md, measurement rules). Importing this module imports no
 torch and no onnxruntime.
@@ -117,6 +118,7 @@ def run_bench(bundles: list[str], settings: BenchSettings, show_progress: bool =
     """Every bundle on every backend; returns the ``mllm-deploy/bench@1`` payload."""
     from mllm_deploy.core.progress import Progress
     from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.timing import PREFIX_TOKENS
 
     settings.validate()
     for bundle in bundles:  # every bundle is checked (hashes included) before any work
@@ -133,7 +135,7 @@ def run_bench(bundles: list[str], settings: BenchSettings, show_progress: bool =
         if stream is not sys.stderr:
             stream.close()
     return {"schema": BENCH_SCHEMA, "machine": machine_info(),
-            "settings": {**asdict(settings), "backends": list(settings.backends), "prefix_tokens": 5,
+            "settings": {**asdict(settings), "backends": list(settings.backends), "prefix_tokens": PREFIX_TOKENS,
                          "decode_steps": settings.new_tokens - 1, "flops_formula": "exact"},
             "results": results}
 

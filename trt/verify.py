@@ -102,8 +102,8 @@ def compare_selections(ref, trt, ids: np.ndarray, features: np.ndarray, toleranc
 def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plugins: Path | None,
                      log: Callable[[str], None]) -> list[Check]:
     """TensorRT vs ONNX Runtime, stage by stage; each stage gets the reference's inputs so errors do not compound."""
-    from mllm_deploy.tools.bench_worker import synthetic_inputs
     from mllm_deploy.runtime.generator import Generator
+    from mllm_deploy.runtime.timing import synthetic_inputs
 
     half = precision != "float32" or bundle.dtype == "float16"
     tolerance = DEFAULT_TOLERANCES["float16" if half else "float32"]
@@ -155,9 +155,18 @@ def compare_backends(bundle, precision: str, prompt_tokens: int, steps: int, plu
 
 
 def benchmark(bundle_path: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> Check:
-    from mllm_deploy.tools.bench_worker import measure
+    """bench-mllm's measurement on TensorRT: the runtime's timed loop, one bench@1 result as the check's data."""
+    from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.generator import Generator
+    from mllm_deploy.runtime.timing import bench_result, synthetic_inputs, time_generation
+    from mllm_deploy.trt.env import query_gpu
 
-    result = measure(str(bundle_path), "tensorrt", prompt_tokens, new_tokens, repeats, warmup=1)
+    bundle = load_bundle(Path(bundle_path).resolve(), check_hashes=False)  # verify's caller checked them
+    ids, pixels = synthetic_inputs(bundle, prompt_tokens)
+    with Generator(bundle, "tensorrt") as generator:
+        result = bench_result(generator, time_generation(generator, ids, pixels, new_tokens, repeats, warmup=1))
+    gpu, capability = query_gpu()
+    result["device"] = f"{gpu} (sm_{capability.replace('.', '')})"  # the TensorRT runner does not report it
     decode, ttft = result["decode_ms_per_token"], result["ttft_ms"]
     detail = (f"TTFT {ttft['median']:.1f} ms, prefill {result['prefill_ms']['median']:.1f} ms, decode "
               f"{decode['median']:.2f} ms/token ({result['tokens_per_s']:.1f} tokens/s), median of {repeats}")

@@ -1,4 +1,4 @@
-"""The runner interface every backend implements."""
+"""The runner interface every backend implements, and how a backend makes the runners of one bundle."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+
+from mllm_deploy.formats.manifest import GRAPHS
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
@@ -17,6 +19,11 @@ class Runner(ABC):
     Runners are context managers: ``activate`` loads (session, engine), ``deactivate`` frees.
     """
 
+    # True when infer()'s own time is the backend's compute, so a decode step's wall time outside it is the
+    # runtime's overhead (bench-mllm's decode_overhead_share). Not so for eager PyTorch, whose Python dispatch
+    # runs inside infer(): the split would say nothing there.
+    infer_time_is_backend_time = True
+
     def __init__(self, graph_path: Path, io: dict[str, list[dict]], name: str):
         self.graph_path = Path(graph_path)
         self.io = io
@@ -24,6 +31,19 @@ class Runner(ABC):
         self.is_active = False
         self.last_inference_ms = 0.0
         self._inputs = {entry["name"]: entry for entry in io["inputs"]}
+
+    @classmethod
+    def for_bundle(cls, bundle, **options) -> dict[str, "Runner"]:
+        """One runner per graph of ``bundle`` (a ``runtime.bundle.Bundle``), none activated yet. A backend
+        whose runners share one loaded model (the PyTorch reference) overrides this."""
+        return {graph: cls(bundle.graph_path(graph), bundle.graph_io(graph), graph,
+                           custom_ops=bundle.manifest["graphs"][graph].get("custom_ops", []), **options)
+                for graph in GRAPHS}
+
+    def device_facts(self) -> dict:
+        """Where this runner computes, for benchmark results: the device, the float type it computes in
+        (None: the bundle's) and its peak device memory in MiB (None: not measured)."""
+        return {"device": "cpu", "run_dtype": None, "peak_device_mb": None}
 
     def __enter__(self) -> "Runner":
         self.activate()

@@ -1,0 +1,134 @@
+"""A bundle at run time: its LLM weights resident once although prefill and decode both use them, and its
+files hashed once (then trusted while their size and mtime are unchanged), an altered file still refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mllm_deploy.core.errors import BundleError
+from mllm_deploy.runtime.bundle import VERIFIED_FILE, check_files, load_bundle
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundles, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["gqa56"], path)
+    return path
+
+
+def test_files_are_hashed_once_and_an_altered_file_is_still_refused(bundle_copy):
+    manifest = load_bundle(bundle_copy, check_hashes=False).manifest
+    (bundle_copy / VERIFIED_FILE).unlink(missing_ok=True)
+    assert check_files(bundle_copy, manifest) == len(manifest["files"])  # first load: every file
+    assert check_files(bundle_copy, manifest) == 0  # then trusted by size and mtime
+    assert check_files(bundle_copy, manifest, verify_all=True) == len(manifest["files"])  # --verify-hashes
+    weights = bundle_copy / "weights.bin"
+    with open(weights, "r+b") as handle:  # flip one byte in place: same size, new mtime
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="weights.bin does not match its sha256"):
+        load_bundle(bundle_copy)
+    with open(weights, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(byte)
+    assert check_files(bundle_copy, manifest) == 1  # restored: hashed again, then trusted
+    # a record that lies about a file's digest is not trusted
+    record = json.loads((bundle_copy / VERIFIED_FILE).read_text())
+    record["files"]["weights.bin"]["sha256"] = "0" * 64
+    (bundle_copy / VERIFIED_FILE).write_text(json.dumps(record))
+    assert check_files(bundle_copy, manifest) == 1
+
+
+def test_a_read_only_bundle_still_loads(bundle_copy):
+    (bundle_copy / VERIFIED_FILE).unlink(missing_ok=True)
+    os.chmod(bundle_copy, 0o555)
+    try:
+        assert load_bundle(bundle_copy).path == bundle_copy  # hashed, nothing recorded
+        assert not (bundle_copy / VERIFIED_FILE).exists() or os.geteuid() == 0
+    finally:
+        os.chmod(bundle_copy, 0o755)
+
+
+def test_the_export_records_its_hashes(bundle_copy):
+    manifest = load_bundle(bundle_copy, check_hashes=False).manifest
+    record = json.loads((bundle_copy / VERIFIED_FILE).read_text())["files"]
+    assert {rel: entry["sha256"] for rel, entry in record.items()} == manifest["files"]
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.generator import Generator
+    from mllm_deploy.runtime.timing import synthetic_inputs
+
+    def rss_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+
+    bundle = load_bundle(sys.argv[1])
+    ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
+    before = rss_mb()
+    with Generator(bundle, "onnxruntime", share_weights=sys.argv[2] == "shared") as generator:
+        tokens = generator.generate(ids, pixels, 3, ignore_eos=True).tokens
+        print(json.dumps({"grown_mb": rss_mb() - before, "tokens": tokens}))
+""")
+
+
+@pytest.fixture(scope="module")
+def wide_bundle(tmp_path_factory):
+    """A model whose weights (~150 MB) dwarf the interpreter's own memory, so resident copies can be counted."""
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+    from mllm_deploy.models.tiny import TinyLlavaConfig, write_tiny_llava
+
+    root = tmp_path_factory.mktemp("wide")
+    model = write_tiny_llava(root / "model", TinyLlavaConfig(seed=7, text_hidden=768, text_layers=4, text_heads=12,
+                                                              text_kv_heads=4, text_intermediate=3072))
+    return export_bundle(str(model), root / "bundle", ExportOptions(verify=False), log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_share_one_resident_copy_of_the_weights(wide_bundle):
+    weights_mb = (wide_bundle / "weights.bin").stat().st_size / 2**20
+    assert weights_mb > 100
+
+    def run(mode):
+        proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(wide_bundle), mode], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "MLLM_DEPLOY_THREADS": "2"})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    shared, separate = run("shared"), run("separate")
+    assert shared["tokens"] == separate["tokens"]
+    # each session pre-packs its own copy when left alone (measured: 2.3x the file); mapped once, the weights are
+    # resident once plus activations and ONNX Runtime's arenas (measured: 1.3x)
+    assert separate["grown_mb"] > 1.8 * weights_mb, separate
+    assert shared["grown_mb"] < 1.5 * weights_mb, shared
+    assert separate["grown_mb"] - shared["grown_mb"] > 0.6 * weights_mb
+
+
+def test_float16_on_the_cpu_provider_is_estimated_with_its_float32_copies(tiny_model_dirs, tmp_path):
+    """ONNX Runtime's CPU provider runs float16 MatMuls in float32 and keeps float32 weights per session; the
+    estimate says so, so that a 7B float16 bundle is refused on a 24 GB machine instead of being killed."""
+    from mllm_deploy.core.memory import text_parameters
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+    from mllm_deploy.formats.geometry import spec_from_manifest
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    bundle = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "half", ExportOptions(dtype="float16"),
+                           log=lambda m: None)
+    cpu = Pipeline.load(bundle).memory_estimate(80, 4)
+    gpu = Pipeline.load(bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]).memory_estimate(80, 4)
+    text_half = text_parameters(spec_from_manifest(load_bundle(bundle).manifest["model"]).text) * 2
+    assert cpu.weights - gpu.weights == 4 * text_half
