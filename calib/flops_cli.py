@@ -17,9 +17,10 @@ KV_DTYPE_BYTES = {"float16": 2, "float32": 4}
 def build_parser() -> argparse.ArgumentParser:
     # The formula registry is plain data (no torch), so the choices come from it directly.
     from mllm_deploy.formats.flops import FORMULAS
+    from mllm_deploy.models.registry import add_model_arguments
 
     p = argparse.ArgumentParser(prog="flops-mllm", description=__doc__)
-    p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory (config.json is enough) or a built-in name")
+    add_model_arguments(p, "local Hugging Face LLaVA directory (config.json is enough) or a built-in name")
     p.add_argument("--recipe", help="recipe.json to cost (default: dense only)")
     p.add_argument("--text-tokens", type=int, default=64,
                    help="non-visual prompt tokens: system prompt + question (default 64)")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.text_tokens < 0:
         raise MllmError(f"--text-tokens must be 0 or more, got {args.text_tokens}")
-    _, spec = load_spec(args.model)
+    _, spec = load_spec(args.model, args.cache_dir)
     recipe = load_recipe(args.recipe, spec) if args.recipe else None
     report = prefill_cost(spec, recipe, text_tokens=args.text_tokens, formula=args.formula,
                           kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype], prefix_tokens=args.prefix_tokens)

@@ -2,11 +2,19 @@
 
 The same :class:`ModelSpec` drives the exporter, the FLOPs model and the manifest, so a
 7B geometry can be described on any machine from its config file.
+
+A Hugging Face ``config.json`` holds only what differs from its config classes' defaults:
+llava-hf/llava-1.5-7b-hf's ``text_config`` has no hidden size, layer or head count at all, and
+transformers fills them in from ``LlamaConfig``. To read such a file the way transformers does,
+without importing it, the defaults of the classes involved are copied below as data. They are
+those of transformers ``TRANSFORMERS_DEFAULTS_VERSION`` (defaults have changed between releases;
+tests/test_configs.py checks every field against the installed transformers' ``AutoConfig``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +22,50 @@ from typing import Any
 from mllm_deploy.core.errors import InputFileError, UnsupportedModelError
 from mllm_deploy.core.hashing import canonical_json, sha256_text
 
-# Supported pieces, as data. Adding a family means adding its name here and its
+TRANSFORMERS_DEFAULTS_VERSION = "5.24.0"
+
+# The defaults of each config class, for the fields ModelSpec reads, from
+# transformers/models/<family>/configuration_<family>.py. Vicuna checkpoints are Llama.
+LLAMA_DEFAULTS: dict[str, Any] = {  # LlamaConfig
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "attention_bias": False, "mlp_bias": False,
+}
+MISTRAL_DEFAULTS: dict[str, Any] = {  # MistralConfig: 8 KV heads by default; its layers have no biases
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "sliding_window": 4096,
+}
+CLIP_VISION_DEFAULTS: dict[str, Any] = {  # CLIPVisionConfig (openai/clip-vit-base-patch32)
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+LLAVA_DEFAULTS: dict[str, Any] = {  # LlavaConfig
+    "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+    "vision_feature_layer": -2, "multimodal_projector_bias": True, "tie_word_embeddings": False,
+}
+# LlavaConfig.sub_configs_defaults: what an absent (or null) vision_config / text_config becomes.
+# A vision_config that is present gets CLIPVisionConfig's own defaults, not these.
+LLAVA_ABSENT_VISION_CONFIG: dict[str, Any] = {
+    "model_type": "clip_vision_model", "intermediate_size": 4096, "hidden_size": 1024, "patch_size": 14,
+    "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16, "vocab_size": 32000, "projection_dim": 768,
+}
+LLAVA_ABSENT_TEXT_CONFIG: dict[str, Any] = {"model_type": "llama"}
+DEFAULT_ROPE_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
+
+# Supported pieces, as data. Adding a family means adding its defaults here and its
 # graph builder in export/ (the builders only need the fields of ModelSpec).
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-SUPPORTED_VISION = ("clip_vision_model",)
-SUPPORTED_TEXT = ("llama", "mistral")
+LLAVA_MODEL_TYPE = "llava"  # a config saved by LlavaConfig.save_pretrained() may have no architectures
+VISION_DEFAULTS = {"clip_vision_model": CLIP_VISION_DEFAULTS}
+TEXT_DEFAULTS = {"llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS}
+SUPPORTED_VISION = tuple(VISION_DEFAULTS)
+SUPPORTED_TEXT = tuple(TEXT_DEFAULTS)
 SUPPORTED_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "relu")
 SUPPORTED_ROPE = ("default", "linear")
+SUPPORTED_FEATURE_STRATEGIES = ("default", "full")
 
 
 @dataclass(frozen=True)
@@ -82,12 +127,6 @@ class ModelSpec:
         return asdict(self)
 
 
-def _need(cfg: dict, key: str, where: str) -> Any:
-    if key not in cfg:
-        raise UnsupportedModelError(f"{where} has no '{key}'; is this a Hugging Face LLaVA config.json?")
-    return cfg[key]
-
-
 def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
@@ -102,39 +141,29 @@ def read_config(model_dir: str | Path) -> dict:
         raise UnsupportedModelError(f"{path} is not valid JSON ({exc})") from None
 
 
-def _rope_settings(text: dict) -> tuple[float, float]:
-    """(theta, linear scaling factor) from the old and new Hugging Face spellings."""
-    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
-    if rope_type not in SUPPORTED_ROPE:
-        raise UnsupportedModelError(
-            f"RoPE type '{rope_type}' is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
-        )
-    theta = params.get("rope_theta", text.get("rope_theta", 10000.0))
-    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return float(theta), factor
-
-
 def spec_from_config(cfg: dict) -> ModelSpec:
-    """The model geometry from a parsed config.json; a config of the wrong shape (a list where an
-    object belongs, a string where a number does) is a user error, not a crash."""
+    """The model geometry from a parsed config.json, defaults filled in as transformers fills them; a
+    config of the wrong shape (a list where an object belongs, a string where a number does) is a user
+    error, not a crash."""
     if not isinstance(cfg, dict):
         raise UnsupportedModelError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     try:
         spec = _spec_from_config(cfg)
-    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, ArithmeticError) as exc:
         raise UnsupportedModelError(f"config.json is malformed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     _check_geometry(spec)
     return spec
 
 
+# ModelSpec names that config.json spells differently, for messages that name the field to fix
+_JSON_NAME = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+
+
 def _check_geometry(spec: ModelSpec) -> None:
     """Sizes are positive integers that fit together; eps and rope theta positive and finite."""
-    import math
-
-    counts = {f"vision_config.{k}": getattr(spec.vision, k) for k in (
+    counts = {f"vision_config.{_JSON_NAME.get(k, k)}": getattr(spec.vision, k) for k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels")}
-    counts.update({f"text_config.{k}": getattr(spec.text, k) for k in (
+    counts.update({f"text_config.{_JSON_NAME.get(k, k)}": getattr(spec.text, k) for k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
         "max_position_embeddings")})
     for name, value in counts.items():
@@ -145,8 +174,14 @@ def _check_geometry(spec: ModelSpec) -> None:
                                     f" image_size {spec.vision.image_size}")
     if spec.vision.hidden_size % spec.vision.num_heads:
         raise UnsupportedModelError("config.json vision_config.hidden_size is not a multiple of num_attention_heads")
+    if spec.text.model_type == "llama" and spec.text.hidden_size % spec.text.num_heads:
+        # LlamaConfig.validate_architecture refuses it too, even with an explicit head_dim
+        raise UnsupportedModelError("config.json text_config.hidden_size is not a multiple of num_attention_heads")
     if spec.text.num_heads % spec.text.num_kv_heads:
         raise UnsupportedModelError("config.json text_config.num_attention_heads is not a multiple of num_key_value_heads")
+    sliding = spec.text.sliding_window
+    if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
+        raise UnsupportedModelError(f"config.json text_config.sliding_window must be a positive integer or null, got {sliding!r}")
     for name, value in (("vision_config.layer_norm_eps", spec.vision.layer_norm_eps),
                         ("text_config.rms_norm_eps", spec.text.rms_norm_eps),
                         ("text_config.rope_theta", spec.text.rope_theta),
@@ -155,80 +190,137 @@ def _check_geometry(spec: ModelSpec) -> None:
             raise UnsupportedModelError(f"config.json {name} must be a positive number, got {value!r}")
 
 
-def _spec_from_config(cfg: dict) -> ModelSpec:
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else cfg.get("model_type", "?")
-    if arch not in SUPPORTED_ARCHITECTURES:
+def _architecture(cfg: dict) -> str:
+    """The model class: ``architectures[0]``, or LLaVA's when a config saved by ``LlavaConfig`` has none."""
+    archs, model_type = cfg.get("architectures"), cfg.get("model_type")
+    if archs:
+        if not isinstance(archs, list):
+            raise UnsupportedModelError(f"config.json architectures must be a list, got {archs!r}")
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"config.json architectures '{archs[0]}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f" (vision: {', '.join(SUPPORTED_VISION)}; text: {', '.join(SUPPORTED_TEXT)})")
+        if model_type not in (None, LLAVA_MODEL_TYPE):
+            raise UnsupportedModelError(f"config.json model_type '{model_type}' is not supported with {archs[0]};"
+                                        f" supported: {LLAVA_MODEL_TYPE}")
+        return archs[0]
+    if model_type == LLAVA_MODEL_TYPE:
+        return SUPPORTED_ARCHITECTURES[0]
+    raise UnsupportedModelError(
+        f"config.json model_type '{model_type}' is not supported and names no architectures; supported: model_type"
+        f" '{LLAVA_MODEL_TYPE}' or architectures {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _sub_config(cfg: dict, key: str, absent: dict, families: dict[str, dict]) -> tuple[str, dict]:
+    """(model_type, fields with the family's defaults filled in) of ``vision_config`` / ``text_config``."""
+    given = cfg.get(key)
+    if given is None:
+        given = absent
+    if not isinstance(given, dict):
+        raise UnsupportedModelError(f"config.json {key} must be an object, got {type(given).__name__}")
+    model_type = given.get("model_type", absent["model_type"])
+    if not isinstance(model_type, str) or model_type not in families:
         raise UnsupportedModelError(
-            f"architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            f" (vision: {', '.join(SUPPORTED_VISION)}; text: {', '.join(SUPPORTED_TEXT)})"
-        )
-    vis = _need(cfg, "vision_config", "config.json")
-    text = _need(cfg, "text_config", "config.json")
-    vtype = vis.get("model_type", "clip_vision_model")
-    ttype = text.get("model_type", "llama")
-    if vtype not in SUPPORTED_VISION:
-        raise UnsupportedModelError(f"vision tower '{vtype}' is not supported; supported: {', '.join(SUPPORTED_VISION)}")
-    if ttype not in SUPPORTED_TEXT:
-        raise UnsupportedModelError(f"text model '{ttype}' is not supported; supported: {', '.join(SUPPORTED_TEXT)}")
-    feature_layer = cfg.get("vision_feature_layer", -2)
-    if not isinstance(feature_layer, int):
-        raise UnsupportedModelError("a list of vision_feature_layer values is not supported; use a single layer")
-    strategy = cfg.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise UnsupportedModelError(f"vision_feature_select_strategy '{strategy}' is not supported")
-    for act in (vis.get("hidden_act", "quick_gelu"), text.get("hidden_act", "silu"), cfg.get("projector_hidden_act", "gelu")):
+            f"config.json {key}.model_type '{model_type}' is not supported; supported: {', '.join(families)}")
+    return model_type, {**families[model_type], **given}
+
+
+def _rope_settings(text: dict) -> tuple[float, float]:
+    """(theta, linear scaling factor) as transformers standardises them: the old ``rope_scaling`` wins
+    over ``rope_parameters``, and a ``rope_theta`` inside that dict over the top-level one."""
+    key = "rope_scaling" if text.get("rope_scaling") else "rope_parameters"
+    params = text.get(key) or {}
+    if not isinstance(params, dict):
+        raise UnsupportedModelError(f"config.json text_config.{key} must be an object, got {type(params).__name__}")
+    if any(isinstance(value, dict) for value in params.values()):
+        raise UnsupportedModelError(f"config.json text_config.{key} per layer type is not supported; use one RoPE")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE:
+        raise UnsupportedModelError(
+            f"config.json text_config.{key} type '{rope_type}' is not supported; supported: {', '.join(SUPPORTED_ROPE)}")
+    theta = params.get("rope_theta", text.get("rope_theta", DEFAULT_ROPE_THETA))
+    if rope_type != "linear":
+        return float(theta), 1.0
+    if "factor" not in params:
+        raise UnsupportedModelError(f"config.json text_config.{key} of type linear has no 'factor'")
+    return float(theta), float(params["factor"])
+
+
+def _quotient(hidden: Any, heads: Any) -> Any:
+    """hidden // heads where both are positive integers; else None, for _check_geometry to name the bad field."""
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
+    return hidden // heads if valid else None
+
+
+def _spec_from_config(cfg: dict) -> ModelSpec:
+    arch = _architecture(cfg)
+    top = {**LLAVA_DEFAULTS, **cfg}
+    vtype, vis = _sub_config(cfg, "vision_config", LLAVA_ABSENT_VISION_CONFIG, VISION_DEFAULTS)
+    ttype, text = _sub_config(cfg, "text_config", LLAVA_ABSENT_TEXT_CONFIG, TEXT_DEFAULTS)
+    feature_layer = top["vision_feature_layer"]
+    if isinstance(feature_layer, list):
+        raise UnsupportedModelError("config.json vision_feature_layer: a list of layers is not supported; use one layer")
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise UnsupportedModelError(f"config.json vision_feature_layer must be an integer, got {feature_layer!r}")
+    strategy = top["vision_feature_select_strategy"]
+    if strategy not in SUPPORTED_FEATURE_STRATEGIES:
+        raise UnsupportedModelError(f"config.json vision_feature_select_strategy '{strategy}' is not supported;"
+                                    f" supported: {', '.join(SUPPORTED_FEATURE_STRATEGIES)}")
+    for name, act in (("vision_config.hidden_act", vis["hidden_act"]), ("text_config.hidden_act", text["hidden_act"]),
+                      ("projector_hidden_act", top["projector_hidden_act"])):
         if act not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedModelError(f"activation '{act}' is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+            raise UnsupportedModelError(
+                f"config.json {name} '{act}' is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
 
     vision = VisionSpec(
-        hidden_size=int(vis.get("hidden_size", 768)),
-        intermediate_size=int(vis.get("intermediate_size", 3072)),
-        num_layers=int(vis.get("num_hidden_layers", 12)),
-        num_heads=int(vis.get("num_attention_heads", 12)),
-        image_size=int(vis.get("image_size", 224)),
-        patch_size=int(vis.get("patch_size", 32)),
-        num_channels=int(vis.get("num_channels", 3)),
-        layer_norm_eps=float(vis.get("layer_norm_eps", 1e-5)),
-        hidden_act=vis.get("hidden_act", "quick_gelu"),
+        hidden_size=vis["hidden_size"],
+        intermediate_size=vis["intermediate_size"],
+        num_layers=vis["num_hidden_layers"],
+        num_heads=vis["num_attention_heads"],
+        image_size=vis["image_size"],
+        patch_size=vis["patch_size"],
+        num_channels=vis["num_channels"],
+        layer_norm_eps=float(vis["layer_norm_eps"]),
+        hidden_act=vis["hidden_act"],
     )
-    hidden = int(_need(text, "hidden_size", "text_config"))
-    heads = int(_need(text, "num_attention_heads", "text_config"))
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
     theta, factor = _rope_settings(text)
     text_spec = TextSpec(
         model_type=ttype,
         hidden_size=hidden,
-        intermediate_size=int(_need(text, "intermediate_size", "text_config")),
-        num_layers=int(_need(text, "num_hidden_layers", "text_config")),
+        intermediate_size=text["intermediate_size"],
+        num_layers=text["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or hidden // heads),
-        vocab_size=int(_need(text, "vocab_size", "text_config")),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        # LlamaConfig: null (its default) means as many as the attention heads; MistralConfig refuses null
+        num_kv_heads=heads if text["num_key_value_heads"] is None and ttype == "llama" else text["num_key_value_heads"],
+        head_dim=_quotient(hidden, heads) if text["head_dim"] is None else text["head_dim"],
+        vocab_size=text["vocab_size"],
+        rms_norm_eps=float(text["rms_norm_eps"]),
         rope_theta=theta,
         rope_scaling_factor=factor,
-        max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-        hidden_act=text.get("hidden_act", "silu"),
-        attention_bias=bool(text.get("attention_bias", False)),
-        mlp_bias=bool(text.get("mlp_bias", False)),
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
-        sliding_window=text.get("sliding_window") if ttype == "mistral" else None,
+        max_position_embeddings=text["max_position_embeddings"],
+        hidden_act=text["hidden_act"],
+        attention_bias=bool(text.get("attention_bias", False)) if ttype == "llama" else False,
+        mlp_bias=bool(text.get("mlp_bias", False)) if ttype == "llama" else False,
+        # LlavaConfig.__post_init__: tied when either the LLaVA config or its text config says so
+        tie_word_embeddings=bool(top["tie_word_embeddings"]) or bool(text["tie_word_embeddings"]),
+        sliding_window=text["sliding_window"] if ttype == "mistral" else None,
     )
-    if text_spec.num_heads % text_spec.num_kv_heads:
-        raise UnsupportedModelError("num_attention_heads must be a multiple of num_key_value_heads")
-    image_token_id = cfg.get("image_token_id", cfg.get("image_token_index"))
-    if image_token_id is None:
-        raise UnsupportedModelError("config.json has no image_token_id (or image_token_index)")
+    # LlavaConfig.attribute_map: image_token_id is another name for image_token_index, and wins
+    image_token_id = cfg.get("image_token_id", top["image_token_index"])
+    if isinstance(image_token_id, bool) or not isinstance(image_token_id, int) or image_token_id < 0:
+        raise UnsupportedModelError(f"config.json image_token_index must be a token id, got {image_token_id!r}")
     return ModelSpec(
         architecture=arch,
         vision=vision,
         text=text_spec,
-        image_token_id=int(image_token_id),
-        vision_feature_layer=int(feature_layer),
+        image_token_id=image_token_id,
+        vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy,
-        projector_hidden_act=cfg.get("projector_hidden_act", "gelu"),
-        projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
-        fingerprint=sha256_text(canonical_json(text)),
+        projector_hidden_act=top["projector_hidden_act"],
+        projector_bias=bool(top["multimodal_projector_bias"]),
+        # the text config as written (not as filled in), so recipes made before defaults were filled still match
+        fingerprint=sha256_text(canonical_json(cfg.get("text_config"))),
     )
 
 
