@@ -132,3 +132,26 @@ def test_float16_on_the_cpu_provider_is_estimated_with_its_float32_copies(tiny_m
     gpu = Pipeline.load(bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]).memory_estimate(80, 4)
     text_half = text_parameters(spec_from_manifest(load_bundle(bundle).manifest["model"]).text) * 2
     assert cpu.weights - gpu.weights == 4 * text_half
+
+
+def test_decode_through_io_binding_binds_the_kv_buffers_once(tiny_bundles):
+    """Decode binds each layer's KV buffer once per generation (the cache is updated in place) and writes its
+    outputs into buffers made once; the tokens equal those of plain session.run."""
+    from mllm_deploy.runtime.generator import Generator
+    from mllm_deploy.runtime.timing import synthetic_inputs
+
+    bundle = load_bundle(tiny_bundles["gqa56"])
+    ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
+    with Generator(bundle, "onnxruntime") as generator:
+        decode = generator.runners["decode"]
+        assert decode.io_binding
+        bound = generator.generate(ids, pixels, 8, ignore_eos=True)
+        assert decode.kv_values_created == 2 * bundle.num_layers  # 7 decode steps, one binding per buffer
+        outputs = {name: buffer.ctypes.data for name, buffer in decode._output_buffers.items()}
+        generator.generate(ids, pixels, 4, ignore_eos=True)  # a new generation: a new cache, bound once more
+        assert decode.kv_values_created == 4 * bundle.num_layers
+        assert {name: buffer.ctypes.data for name, buffer in decode._output_buffers.items()} == outputs
+        decode.io_binding = False
+        plain = generator.generate(ids, pixels, 8, ignore_eos=True)
+    assert bound.tokens == plain.tokens
+    np.testing.assert_array_equal(bound.first_logits, plain.first_logits)
