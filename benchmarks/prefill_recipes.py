@@ -22,12 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = {
-    "dense": dict(method="dense"),
-    "fastv-k2-r0.5": dict(method="fastv", fastv_k=2, fastv_r=0.5),
-    "fitprune-0.5": dict(method="fitprune", budget=0.5, data="builtin:synthetic:4"),
-    "mod-prd-attention": dict(method="mod", mod_plan="prd", mod_router="attention"),
-    "mod-prd-fitted": dict(method="mod", mod_plan="prd", mod_router="fitted", data="builtin:synthetic:8"),
+from mllm_deploy.calib.fitprune import FitPruneOptions
+from mllm_deploy.calib.mod import ModOptions
+from mllm_deploy.calib.static_methods import DenseOptions, FastVOptions
+
+RECIPES = {  # name -> calibration options (a method's options dataclass from calib/methods.py)
+    "dense": DenseOptions(),
+    "fastv-k2-r0.5": FastVOptions(k=2, r=0.5),
+    "fitprune-0.5": FitPruneOptions(budget=0.5, data="builtin:synthetic:4"),
+    "mod-prd-attention": ModOptions(plan="prd", router="attention"),
+    "mod-prd-fitted": ModOptions(plan="prd", router="fitted", data="builtin:synthetic:8"),
 }
 
 
@@ -49,7 +53,7 @@ def main() -> int:
     if unknown:
         p.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
 
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
     from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.formats.recipe import load_recipe, save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
@@ -65,7 +69,7 @@ def main() -> int:
         recipe_path = work / f"{name}.json"
         if not recipe_path.exists():
             t0 = time.perf_counter()
-            save_recipe(calibrate(args.model, CalibOptions(**RECIPES[name]), log=print), recipe_path)
+            save_recipe(calibrate(args.model, RECIPES[name], log=print), recipe_path)
             print(f"{name}: calibrated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         bundle = work / (f"bundle-{name}" if args.routing == "native" else f"bundle-{name}-plugin")
         if not (bundle / "manifest.json").exists():

@@ -18,27 +18,35 @@ import time
 from pathlib import Path
 
 
-def recipes(num_layers: int, calib: str) -> dict[str, dict]:
+def recipes(num_layers: int, calib: str) -> dict:
+    """name -> the calibration options (a method's options dataclass from calib/methods.py)."""
+    from dataclasses import replace
+
+    from mllm_deploy.calib.fitprune import FitPruneOptions
+    from mllm_deploy.calib.mod import ModOptions
+    from mllm_deploy.calib.static_methods import DenseOptions, FastVOptions, PDropOptions
+    from mllm_deploy.calib.vtw import VtwOptions
+
     quarter = [max(1, num_layers * k // 4) for k in (1, 2, 3)]
     out = {
-        "dense": dict(method="dense"),
-        "fastv K=2 R=0.5": dict(method="fastv", fastv_k=2, fastv_r=0.5),
-        "fastv K=2 R=0.75": dict(method="fastv", fastv_k=2, fastv_r=0.75),
-        f"pdrop {','.join(map(str, quarter))} x0.5": dict(method="pdrop", pdrop_layers=quarter, pdrop_ratio=0.5),
-        "vtw eta=0.003": dict(method="vtw", vtw_eta=0.003, vtw_first_layer=1, data=calib),
+        "dense": DenseOptions(),
+        "fastv K=2 R=0.5": FastVOptions(k=2, r=0.5),
+        "fastv K=2 R=0.75": FastVOptions(k=2, r=0.75),
+        f"pdrop {','.join(map(str, quarter))} x0.5": PDropOptions(layers=quarter, ratio=0.5),
+        "vtw eta=0.003": VtwOptions(eta=0.003, first_layer=1, data=calib),
     }
     for budget in (0.3, 0.5, 0.7):
-        out[f"fitprune {budget}"] = dict(method="fitprune", budget=budget, data=calib)
+        out[f"fitprune {budget}"] = FitPruneOptions(budget=budget, data=calib)
     # mixture-of-depths on every layer after the first (the attention router reads the previous
     # layer): capacity 2/3 matches FastV K=2 R=0.5's FLOPs, 1/2 matches R=0.75's
     routed = list(range(1, num_layers))
     for router in ("fitted", "attention"):
         for capacity in (0.67, 0.5):
-            out[f"mod {router} c={capacity}"] = dict(method="mod", mod_plan="layers=" + ",".join(map(str, routed)),
-                                                     mod_capacity=[capacity], mod_router=router, data=calib)
+            out[f"mod {router} c={capacity}"] = ModOptions(plan="layers=" + ",".join(map(str, routed)),
+                                                           capacity=[capacity], router=router, data=calib)
     for name in list(out):
         if name.startswith(("fastv", "fitprune")):
-            out[f"random @ {name}"] = dict(out[name], random_selection=True)
+            out[f"random @ {name}"] = replace(out[name], random_selection=True)
     return out
 
 
@@ -50,7 +58,7 @@ def main() -> int:
     p.add_argument("--workdir", default="out/shapes-acc")
     args = p.parse_args()
 
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
     from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import load_spec
@@ -65,7 +73,7 @@ def main() -> int:
         slug = name.replace(" ", "_").replace("=", "").replace(",", "-").replace("@", "at")
         bundle = work / f"bundle-{slug}"
         if not (bundle / "manifest.json").exists():
-            recipe = calibrate(args.model, CalibOptions(**options), log=lambda m: print(m, file=sys.stderr))
+            recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr))
             save_recipe(recipe, work / f"{slug}.json")  # MoD recipes also write their router weights
             export_bundle(args.model, bundle, ExportOptions(recipe=str(work / f"{slug}.json"), force=True),
                           log=lambda m: print(m, file=sys.stderr))

@@ -16,14 +16,15 @@ from mllm_deploy.core.errors import MllmError
 from mllm_deploy.formats.recipe import Recipe
 
 
-def calibrate(model: str, options: CommonOptions, log=print) -> Recipe:
-    """``options``: the options dataclass of one registered method (``FastVOptions(k=2)``, ...)."""
+def calibrate(model: str, options: CommonOptions, log=print, cache_dir: str | None = None) -> Recipe:
+    """``options``: the options dataclass of one registered method (``FastVOptions(k=2)``, ...); ``cache_dir``:
+    the Hugging Face cache to look a ``model`` id up in (None: HF_HUB_CACHE / HF_HOME)."""
     from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.models.registry import load_spec
 
     method = methods.method_of(options)
     started = time.perf_counter()
-    model_dir, spec = load_spec(model)
+    model_dir, spec = load_spec(model, cache_dir)
     run = CalibRun(model_dir, spec, log, {"tool": f"mllm-deploy {__version__}", "seed": options.seed})
     recipe = method.calibrate(options, run)
     if options.random_selection:
@@ -43,16 +44,3 @@ def calibrate(model: str, options: CommonOptions, log=print) -> Recipe:
     recipe.provenance = provenance
     recipe.validate()
     return recipe
-
-
-def CalibOptions(method: str, **flat) -> CommonOptions:  # noqa: N802 - stands in for the old class
-    """Deprecated: the old flat option bag (``fastv_k=...``, ``mod_plan=...``) mapped onto the method's
-    options dataclass. Kept for tools/demo.py and benchmarks/ until they build typed options."""
-    unknown = [k for k in flat if not _legacy_known(k)]
-    if unknown:
-        raise TypeError(f"CalibOptions() got unexpected keyword arguments {unknown}")
-    return methods.options_from_flags(method, {k.removeprefix("mod_"): v for k, v in flat.items()})
-
-
-def _legacy_known(name: str) -> bool:
-    return any(name.removeprefix("mod_") in methods.flag_dests(methods.options_class(m)) for m in methods.names())

@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mllm_deploy.calib import methods
     from mllm_deploy.calib.common import CommonOptions
+    from mllm_deploy.models.registry import add_model_arguments
 
     p = argparse.ArgumentParser(prog="calib-mllm", description=__doc__)
-    p.add_argument("--model", required=True, help="Hugging Face LLaVA directory (config.json alone for static methods) or built-in name")
+    add_model_arguments(p, "Hugging Face LLaVA directory (config.json alone for static methods) or built-in name")
     p.add_argument("--method", required=True, choices=methods.names())
     _add_flags(p, fields(CommonOptions))
     for name in methods.names():
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             if stray:
                 raise MllmError(f"{', '.join(stray)} only apply to --method {name}")
     options = methods.options_from_flags(args.method, given)
-    recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr))
+    recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr), cache_dir=args.cache_dir)
     save_recipe(recipe, output)
     flops = recipe.flops or {}
     prov = recipe.provenance

@@ -1,7 +1,7 @@
 """Building blocks of the LLaVA graphs: norms, activations, attention, MLPs.
 
 Each function adds nodes to a :class:`GraphBuilder` under the current scope and returns
-the name of its output tensor. ``ft`` is the graph's float type (FLOAT or FLOAT16); where
+the name of its output tensor. ``float_type`` is the graph's float type (FLOAT or FLOAT16); where
 Hugging Face computes in float32 regardless of the model dtype (RMSNorm, softmax), so do we.
 """
 
@@ -16,71 +16,76 @@ NP_FLOAT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def to_f32(g: GraphBuilder, x: str, ft: int) -> str:
-    return x if ft == TensorProto.FLOAT else g.cast(x, TensorProto.FLOAT)
+def to_f32(graph: GraphBuilder, x: str, float_type: int) -> str:
+    return x if float_type == TensorProto.FLOAT else graph.cast(x, TensorProto.FLOAT)
 
 
-def from_f32(g: GraphBuilder, x: str, ft: int) -> str:
-    return x if ft == TensorProto.FLOAT else g.cast(x, ft)
+def from_f32(graph: GraphBuilder, x: str, float_type: int) -> str:
+    return x if float_type == TensorProto.FLOAT else graph.cast(x, float_type)
 
 
-def linear(g: GraphBuilder, x: str, weights: dict, prefix: str, name: str) -> str:
-    with g.scope(name):
-        y = g.op("MatMul", [x, g.const(weights[f"{prefix}.weight"], name=f"{prefix}.weight")])
+def linear(graph: GraphBuilder, x: str, weights: dict, prefix: str, name: str) -> str:
+    with graph.scope(name):
+        y = graph.op("MatMul", [x, graph.const(weights[f"{prefix}.weight"], name=f"{prefix}.weight")])
         if f"{prefix}.bias" in weights:
-            y = g.op("Add", [y, g.const(weights[f"{prefix}.bias"], name=f"{prefix}.bias")])
+            y = graph.op("Add", [y, graph.const(weights[f"{prefix}.bias"], name=f"{prefix}.bias")])
     return y
 
 
-def layer_norm(g: GraphBuilder, x: str, weights: dict, prefix: str, eps: float, name: str) -> str:
-    w = g.const(weights[f"{prefix}.weight"], name=f"{prefix}.weight")
-    b = g.const(weights[f"{prefix}.bias"], name=f"{prefix}.bias")
-    return g.op("LayerNormalization", [x, w, b], name=name, axis=-1, epsilon=eps, stash_type=1)
+def layer_norm(graph: GraphBuilder, x: str, weights: dict, prefix: str, eps: float, name: str) -> str:
+    weight = graph.const(weights[f"{prefix}.weight"], name=f"{prefix}.weight")
+    bias = graph.const(weights[f"{prefix}.bias"], name=f"{prefix}.bias")
+    return graph.op("LayerNormalization", [x, weight, bias], name=name, axis=-1, epsilon=eps, stash_type=1)
 
 
-def rms_norm(g: GraphBuilder, x: str, weight_name: str, weights: dict, eps: float, ft: int, name: str) -> str:
+def rms_norm(graph: GraphBuilder, x: str, weight_name: str, weights: dict, eps: float, float_type: int,
+             name: str) -> str:
     """Llama RMSNorm: float32 statistics, result cast back, then scaled by the weight."""
-    with g.scope(name):
-        xf = to_f32(g, x, ft)
-        var = g.reduce_mean(g.op("Mul", [xf, xf]), axes=[-1])
-        denom = g.op("Sqrt", [g.op("Add", [var, g.scalar(eps, np.float32)])])
-        y = from_f32(g, g.op("Div", [xf, denom]), ft)
-        return g.op("Mul", [g.const(weights[weight_name], name=weight_name), y])
+    with graph.scope(name):
+        x_f32 = to_f32(graph, x, float_type)
+        variance = graph.reduce_mean(graph.op("Mul", [x_f32, x_f32]), axes=[-1])
+        denom = graph.op("Sqrt", [graph.op("Add", [variance, graph.scalar(eps, np.float32)])])
+        normed = from_f32(graph, graph.op("Div", [x_f32, denom]), float_type)
+        return graph.op("Mul", [graph.const(weights[weight_name], name=weight_name), normed])
 
 
-def activation(g: GraphBuilder, x: str, kind: str, ft: int) -> str:
-    dt = NP_FLOAT[ft]
+def activation(graph: GraphBuilder, x: str, kind: str, float_type: int) -> str:
+    dtype = NP_FLOAT[float_type]
     if kind == "silu":
-        return g.op("Mul", [x, g.op("Sigmoid", [x])], name="silu")
+        return graph.op("Mul", [x, graph.op("Sigmoid", [x])], name="silu")
     if kind == "relu":
-        return g.op("Relu", [x])
+        return graph.op("Relu", [x])
     if kind == "quick_gelu":
-        return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.scalar(1.702, dt)])])], name="quick_gelu")
+        return graph.op("Mul", [x, graph.op("Sigmoid", [graph.op("Mul", [x, graph.scalar(1.702, dtype)])])],
+                        name="quick_gelu")
     if kind == "gelu":
-        with g.scope("gelu"):
-            erf = g.op("Erf", [g.op("Mul", [x, g.scalar(1 / np.sqrt(2.0), dt)])])
-            return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5, dt)]), g.op("Add", [erf, g.scalar(1.0, dt)])])
+        with graph.scope("gelu"):
+            erf = graph.op("Erf", [graph.op("Mul", [x, graph.scalar(1 / np.sqrt(2.0), dtype)])])
+            return graph.op("Mul", [graph.op("Mul", [x, graph.scalar(0.5, dtype)]),
+                                    graph.op("Add", [erf, graph.scalar(1.0, dtype)])])
     if kind in ("gelu_pytorch_tanh", "gelu_new"):
-        with g.scope("gelu_tanh"):
-            cube = g.op("Mul", [g.op("Mul", [x, x]), x])
-            inner = g.op("Add", [x, g.op("Mul", [cube, g.scalar(0.044715, dt)])])
-            t = g.op("Tanh", [g.op("Mul", [inner, g.scalar(np.sqrt(2.0 / np.pi), dt)])])
-            return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5, dt)]), g.op("Add", [t, g.scalar(1.0, dt)])])
+        with graph.scope("gelu_tanh"):
+            cube = graph.op("Mul", [graph.op("Mul", [x, x]), x])
+            inner = graph.op("Add", [x, graph.op("Mul", [cube, graph.scalar(0.044715, dtype)])])
+            tanh = graph.op("Tanh", [graph.op("Mul", [inner, graph.scalar(np.sqrt(2.0 / np.pi), dtype)])])
+            return graph.op("Mul", [graph.op("Mul", [x, graph.scalar(0.5, dtype)]),
+                                    graph.op("Add", [tanh, graph.scalar(1.0, dtype)])])
     raise ValueError(f"unsupported activation {kind}")
 
 
-def softmax_f32(g: GraphBuilder, scores_f32: str, ft: int) -> str:
-    return from_f32(g, g.op("Softmax", [scores_f32], axis=-1), ft)
+def softmax_f32(graph: GraphBuilder, scores_f32: str, float_type: int) -> str:
+    return from_f32(graph, graph.op("Softmax", [scores_f32], axis=-1), float_type)
 
 
-def rotate_half(g: GraphBuilder, x: str, head_dim: int) -> str:
+def rotate_half(graph: GraphBuilder, x: str, head_dim: int) -> str:
     half = head_dim // 2
-    with g.scope("rotate_half"):
-        x1 = g.slice(x, g.ints([0]), g.ints([half]), axes=[-1])
-        x2 = g.slice(x, g.ints([half]), g.ints([head_dim]), axes=[-1])
-        return g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    with graph.scope("rotate_half"):
+        x1 = graph.slice(x, graph.ints([0]), graph.ints([half]), axes=[-1])
+        x2 = graph.slice(x, graph.ints([half]), graph.ints([head_dim]), axes=[-1])
+        return graph.op("Concat", [graph.op("Neg", [x2]), x1], axis=-1)
 
 
-def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
+def apply_rope(graph: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
     """x * cos + rotate_half(x) * sin, as Llama does."""
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotate_half(g, x, head_dim), sin])], name="rope")
+    return graph.op("Add", [graph.op("Mul", [x, cos]), graph.op("Mul", [rotate_half(graph, x, head_dim), sin])],
+                    name="rope")

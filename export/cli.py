@@ -9,8 +9,10 @@ from mllm_deploy.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mllm_deploy.models.registry import add_model_arguments
+
     p = argparse.ArgumentParser(prog="export-mllm", description=__doc__)
-    p.add_argument("--model", required=True, help="local Hugging Face LLaVA directory or a built-in name (tiny-llava)")
+    add_model_arguments(p, "local Hugging Face LLaVA directory or a built-in name (tiny-llava)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
     p.add_argument("--recipe", help="recipe.json from calib-mllm to bake into the prefill graph (default: dense)")
     p.add_argument("--routing", default="native", choices=["native", "plugin"],
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
-                            recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory)
+                            recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory,
+                            cache_dir=args.cache_dir)
     export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

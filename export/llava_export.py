@@ -33,6 +33,7 @@ class ExportOptions:
     routing: str = "native"  # "native" (standard ops) or "plugin" (mllm_deploy custom ops)
     check_trt: str | None = None  # TensorRT version whose ONNX parser must accept every graph
     max_memory: int | None = None  # bytes; refuse when the export's memory estimate exceeds it
+    cache_dir: str | None = None  # Hugging Face cache to look --model ids up in (None: HF_HUB_CACHE / HF_HOME)
 
 
 def _write_tokenizer(model_dir: Path, target: Path) -> dict:
@@ -79,7 +80,8 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
 
     from mllm_deploy.export.graph import GraphBuilder, WeightStore
     from mllm_deploy.export.manifest import graph_entry
-    from mllm_deploy.export.text_graphs import build_decode_graph, build_prefill_graph
+    from mllm_deploy.export.prefill import build_prefill_graph
+    from mllm_deploy.export.text_graphs import build_decode_graph
     from mllm_deploy.export.vision_graph import build_vision_graph
     from mllm_deploy.export.weights import rope_tables
 
@@ -150,7 +152,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     output = Path(output)
     if output.exists() and not options.force:
         raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
-    model_dir, spec = load_spec(model)
+    model_dir, spec = load_spec(model, options.cache_dir)
     from mllm_deploy.models.presets import is_geometry_preset
 
     if is_geometry_preset(model_dir):
@@ -180,7 +182,7 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
             # reference (bench-mllm --backend torch) find them beside the manifest
             import shutil
 
-            shutil.copyfile(recipe.router_path(), tmp / recipe.mod["router_file"])
+            shutil.copyfile(recipe.router_path(), tmp / recipe.mod.router_file)
         manifest = {
             "schema": BUNDLE_SCHEMA,
             "producer": _producer_versions(),

@@ -21,104 +21,125 @@ past has its own length.
 
 from __future__ import annotations
 
-import numpy as np
-from onnx import TensorProto
+from dataclasses import dataclass, replace
 
-from mllm_deploy.export import blocks, routing, text_graphs
-from mllm_deploy.export.pruned_prefill import PrefillBuilder
+import numpy as np
+
+from mllm_deploy.export import blocks, routing
+from mllm_deploy.export.pruned_prefill import PrefillBuilder, Tokens
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A routed layer's choice: the scores [N] float32, the subset's global rows and its kept visual indices [k]."""
+
+    scores: str
+    rows: str
+    kept: str
 
 
 class ModPrefillBuilder(PrefillBuilder):
-    def __init__(self, g, spec, w, rope, ft, recipe, mode: str, routers=None):
-        super().__init__(g, spec, w, rope, ft, recipe, mode)
+    def __init__(self, graph, spec, weights, rope, float_type, recipe, routing_name: str, routers=None):
+        super().__init__(graph, spec, weights, rope, float_type, recipe, routing_name)
         self.mod = recipe.mod
-        if routers is None and self.mod["router"] != "attention":
+        if routers is None and self.mod.router != "attention":
             from mllm_deploy.formats.routers import recipe_routers
 
             routers = recipe_routers(recipe)
         self.routers = routers or {}
-        self.alpha = float(self.mod.get("tanh_alpha") or 0.0)
+        self.alpha = float(self.mod.tanh_alpha or 0.0)
+        self.routed = set(recipe.mod_layers)
+        self.running: str | None = None  # the attention router's scores, [N] float32
 
-    def _visual_span(self, x: str) -> str:
-        g = self.g
-        return g.slice(x, self.vis_start, g.op("Add", [self.vis_start, g.ints([self.spec.visual_tokens])]), axes=[1])
+    def build(self) -> None:
+        graph = self.graph
+        self.tables = (graph.const(self.rope[0], name="rope.cos"), graph.const(self.rope[1], name="rope.sin"))
+        with graph.scope("model"):
+            tokens = self._embed()  # every token, every layer
+            self.length = graph.slice(graph.op("Shape", [tokens.hidden]), graph.ints([1]), graph.ints([2]),
+                                      axes=[0])  # [1] = T
+            for layer in range(self.text.num_layers):
+                with graph.scope(f"layers.{layer}"):
+                    subset, selection = self._select(layer, tokens) if layer in self.routed else (tokens, None)
+                    q, k, ctx = self._attention(layer, subset)
+                    self._rank_running(layer, subset, q, k, selection)
+                    mlp_scale = self._selected_scale(subset, selection)
+                    processed = self._finish(layer, subset.hidden, ctx, mlp_scale)
+                    if selection is not None:
+                        processed = self._scatter(tokens.hidden, processed, selection)
+                    tokens = replace(tokens, hidden=processed)
+            self._logits(tokens.hidden)
 
-    def _router_scores(self, l: int, x: str) -> str:
+    # ---- stages -----------------------------------------------------------------------------------
+    def _select(self, layer: int, tokens: Tokens) -> tuple[Tokens, Selection]:
+        """The subset a routed layer processes: its top-``capacity`` visual rows and every text row."""
+        graph, capacity = self.graph, self.recipe.visual_tokens[layer]
+        with graph.scope("route"):
+            scores = self.running if self.mod.router == "attention" else self._router_scores(layer, tokens.hidden)
+            hidden, positions, rows = self.routing.token_select(graph, scores, self.vis_start, tokens.hidden,
+                                                                tokens.positions, capacity, tokens.n_vis)
+            kept = self._expose(layer, scores, rows, tokens.n_vis, capacity)
+            return self._tokens(hidden, positions, capacity), Selection(scores, rows, kept)
+
+    def _rank_running(self, layer: int, subset: Tokens, q: str, k: str, selection: Selection | None) -> None:
+        """The attention router: this layer's attention ranks the visual tokens for the next routed layer."""
+        if self.mod.router != "attention" or layer + 1 not in self.routed:
+            return
+        with self.graph.scope("rank"):
+            fresh = self._visual_score(q, k, subset)
+            if selection is None:
+                self.running = fresh
+            else:
+                self.running = self.routing.scatter_scores(self.graph, self.running, selection.kept, fresh)
+
+    def _selected_scale(self, subset: Tokens, selection: Selection | None) -> str | None:
+        """[1, T_l, 1] scale of the selected rows' MLP output (gamma-MoD sigmoid, p-MoD TanhNorm), or None."""
+        graph = self.graph
+        if selection is None or self.mod.selected_scale == "none":
+            return None
+        with graph.scope("route"), graph.scope("selected_scale"):
+            chosen = self._token_weights(graph.op("Gather", [selection.scores, selection.kept], axis=0),
+                                         self.mod.selected_scale)
+            subset_length = graph.slice(graph.op("Shape", [subset.hidden]), graph.ints([1]), graph.ints([2]), axes=[0])
+            return routing.ones_around(graph, self._as_rows(chosen), self.vis_start, subset_length, self.float_type)
+
+    def _scatter(self, hidden: str, processed: str, selection: Selection) -> str:
+        """The processed rows written back into the full sequence."""
+        graph = self.graph
+        with graph.scope("route"), graph.scope("scatter"):  # "/route/" marks routing in bench-mllm's profile
+            skip_scale = None
+            if self.mod.skip == "tanh_scale":
+                weights = self._as_rows(self._token_weights(selection.scores, "tanh_norm"))
+                skip_scale = routing.ones_around(graph, weights, self.vis_start, self.length, self.float_type)
+            return self.routing.token_scatter(graph, hidden, processed, selection.rows, skip_scale)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _visual_span(self, hidden: str) -> str:
+        graph = self.graph
+        span_end = graph.op("Add", [self.vis_start, graph.ints([self.spec.visual_tokens])])
+        return graph.slice(hidden, self.vis_start, span_end, axes=[1])
+
+    def _router_scores(self, layer: int, hidden: str) -> str:
         """A linear router's score of every visual token, [N] float32."""
-        g, t = self.g, self.spec.text
-        router = self.routers[l]
-        with g.scope("router"):
-            u = self._visual_span(x)  # [1, N, d]
-            if self.mod["router_input"] == "input_norm":
-                u = blocks.rms_norm(g, u, f"text.layers.{l}.input_norm.weight", self.w, t.rms_norm_eps, self.ft,
-                                    "input_layernorm")
-            weight = np.asarray(router.weight, blocks.NP_FLOAT[self.ft]).reshape(-1, 1)  # [d, 1]
-            logits = g.op("MatMul", [u, g.const(weight, name=f"mod.layers.{l}.router.weight")])  # [1, N, 1]
-            bias = g.const(np.array([router.bias], np.float32), name=f"mod.layers.{l}.router.bias")
-            return g.reshape(g.op("Add", [blocks.to_f32(g, logits, self.ft), bias]), [-1])
+        graph, router = self.graph, self.routers[layer]
+        with graph.scope("router"):
+            visual = self._visual_span(hidden)  # [1, N, d]
+            if self.mod.router_input == "input_norm":
+                visual = blocks.rms_norm(graph, visual, f"text.layers.{layer}.input_norm.weight", self.weights,
+                                         self.text.rms_norm_eps, self.float_type, "input_layernorm")
+            weight = np.asarray(router.weight, blocks.NP_FLOAT[self.float_type]).reshape(-1, 1)  # [d, 1]
+            logits = graph.op("MatMul", [visual, graph.const(weight, name=f"mod.layers.{layer}.router.weight")])
+            bias = graph.const(np.array([router.bias], np.float32), name=f"mod.layers.{layer}.router.bias")
+            return graph.reshape(graph.op("Add", [blocks.to_f32(graph, logits, self.float_type), bias]), [-1])
 
     def _token_weights(self, scores: str, rule: str) -> str:
         """sigmoid(score) (gamma-MoD) or 1 + alpha tanh(score) (p-MoD TanhNorm), float32."""
-        g = self.g
+        graph = self.graph
         if rule == "sigmoid":
-            return g.op("Sigmoid", [scores])
-        scaled = g.op("Mul", [g.op("Tanh", [scores]), g.scalar(self.alpha, np.float32)])
-        return g.op("Add", [scaled, g.scalar(1.0, np.float32)])
+            return graph.op("Sigmoid", [scores])
+        scaled = graph.op("Mul", [graph.op("Tanh", [scores]), graph.scalar(self.alpha, np.float32)])
+        return graph.op("Add", [scaled, graph.scalar(1.0, np.float32)])
 
     def _as_rows(self, weights: str) -> str:
         """[m] float32 -> [1, m, 1] in the graph's float type."""
-        return self.g.reshape(blocks.from_f32(self.g, weights, self.ft), [1, -1, 1])
-
-    def build(self) -> None:
-        g, spec, recipe, mod = self.g, self.spec, self.recipe, self.mod
-        t = spec.text
-        n = spec.visual_tokens
-        routed = set(recipe.mod_layers)
-        attention_router = mod["router"] == "attention"
-        self.tables = (g.const(self.rope[0], name="rope.cos"), g.const(self.rope[1], name="rope.sin"))
-        with g.scope("model"):
-            x, positions = self._embed()
-            full = self._derive(positions)
-            length = g.slice(g.op("Shape", [x]), g.ints([1]), g.ints([2]), axes=[0])  # [1] = T
-            running = None  # the attention router's scores, [N] float32
-            for l in range(t.num_layers):
-                with g.scope(f"layers.{l}"):
-                    if l in routed:
-                        capacity = recipe.visual_tokens[l]
-                        with g.scope("route"):
-                            scores = running if attention_router else self._router_scores(l, x)
-                            sub, sub_positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
-                                                                            positions, capacity, n)
-                            kept = routing.kept_visual(g, rows, self.vis_start, capacity)
-                            routing.expose_selection(g, l, scores, kept, n, capacity)
-                            cos, sin, mask = self._derive(sub_positions)
-                        n_here = capacity
-                    else:
-                        sub, sub_positions, (cos, sin, mask), n_here = x, positions, full, n
-                    q, k, v, ctx = text_graphs.layer_attention(g, spec, self.w, l, sub, cos, sin, mask, self.ft)
-                    kv_dims = [1, t.num_kv_heads, f"kv_len_{l}", t.head_dim]
-                    g.output(k, f"present.{l}.key", self.ft, kv_dims)
-                    g.output(v, f"present.{l}.value", self.ft, kv_dims)
-                    if attention_router and l + 1 in routed:
-                        with g.scope("rank"):
-                            fresh = routing.visual_score(g, self.mode, recipe.score, q, k, sub_positions,
-                                                         self.vis_start, n_here, **self.score_args)
-                            running = routing.scatter_scores(g, self.mode, running, kept, fresh) if l in routed else fresh
-                    mlp_scale = None
-                    if l in routed and mod["selected_scale"] != "none":
-                        with g.scope("route"), g.scope("selected_scale"):
-                            chosen = self._token_weights(g.op("Gather", [scores, kept], axis=0), mod["selected_scale"])
-                            sub_length = g.slice(g.op("Shape", [sub]), g.ints([1]), g.ints([2]), axes=[0])
-                            mlp_scale = routing.ones_around(g, self._as_rows(chosen), self.vis_start, sub_length, self.ft)
-                    y = text_graphs.layer_finish(g, spec, self.w, l, sub, ctx, self.ft, mlp_scale=mlp_scale)
-                    if l not in routed:
-                        x = y
-                        continue
-                    with g.scope("route"), g.scope("scatter"):  # "/route/" marks routing in bench-mllm's profile
-                        skip_scale = None
-                        if mod["skip"] == "tanh_scale":
-                            skip_scale = routing.ones_around(g, self._as_rows(self._token_weights(scores, "tanh_norm")),
-                                                             self.vis_start, length, self.ft)
-                        x = routing.token_scatter(g, self.mode, x, y, rows, skip_scale)
-            last = g.slice(x, g.ints([-1]), g.ints([blocks.INT64_MAX]), axes=[1])
-            g.output(text_graphs.lm_head(g, spec, self.w, last, self.ft), "logits", TensorProto.FLOAT, [1, t.vocab_size])
+        return self.graph.reshape(blocks.from_f32(self.graph, weights, self.float_type), [1, -1, 1])

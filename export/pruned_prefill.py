@@ -1,155 +1,205 @@
-"""The prefill graph with a recipe baked in.
+"""The prefill graph with a pruning recipe baked in (dense, FastV, PyramidDrop, VTW, FitPrune).
 
-The state that flows between decoder layers is (hidden [1, T_l, d], positions [1, T_l],
-n_vis): the visual tokens stay one contiguous run starting at ``image_start`` and only their
-count changes, a constant per layer, so every TopK has a constant k. Pruned tokens keep their
-original position ids; RoPE tables and the causal mask are re-derived from positions after
+The state that flows between decoder layers is a :class:`Tokens` (hidden [1, T_l, d], positions
+[1, T_l], n_vis): the visual tokens stay one contiguous run starting at ``image_start`` and only
+their count changes, a constant per layer, so every TopK has a constant k. Pruned tokens keep
+their original position ids; RoPE tables and the causal mask are re-derived from positions after
 each selection. Each layer outputs the KV of exactly the tokens it processed.
+
+:meth:`PrefillBuilder.build` is one pass per stage: embed; per layer route at the input,
+attention, rank (for the next layer), route after attention, finish (o_proj and MLP); logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from onnx import TensorProto
 
-from mllm_deploy.formats.recipe import Recipe
 from mllm_deploy.export import blocks, routing, text_graphs
 from mllm_deploy.export.graph import GraphBuilder
 from mllm_deploy.formats.geometry import ModelSpec
+from mllm_deploy.formats.manifest import present_name
+from mllm_deploy.formats.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token set a layer processes: hidden [1, T_l, d], positions [1, T_l] (original ids), its count of
+    visual tokens, and what is derived from the positions: cos/sin [T_l, Dh] and the causal mask [T_l, T_l]."""
+
+    hidden: str
+    positions: str
+    n_vis: int
+    cos: str
+    sin: str
+    mask: str
 
 
 class PrefillBuilder:
-    def __init__(self, g: GraphBuilder, spec: ModelSpec, w: dict, rope, ft: int, recipe: Recipe, mode: str):
-        if mode not in routing.ROUTING_MODES:
-            raise ValueError(f"routing must be one of {routing.ROUTING_MODES}")
-        self.g, self.spec, self.w, self.rope, self.ft, self.recipe, self.mode = g, spec, w, rope, ft, recipe, mode
-        t = spec.text
-        self.score_args = dict(num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, ft=ft)
+    def __init__(self, graph: GraphBuilder, spec: ModelSpec, weights: dict, rope, float_type: int, recipe: Recipe,
+                 routing_name: str):
+        self.routing = routing.routing_by_name(routing_name)
+        self.graph, self.spec, self.text, self.weights = graph, spec, spec.text, weights
+        self.rope, self.float_type, self.recipe = rope, float_type, recipe
+        self.pending: str | None = None  # scores prepared by the previous layer (FastV)
 
-    # ---- position-derived tensors ---------------------------------------------------------------
-    def _derive(self, positions: str):
-        """cos/sin [1, 1, T, Dh] and the [T, T] causal mask for the current token set."""
-        g = self.g
-        with g.scope("positions"):
-            flat = g.reshape(positions, [-1])
-            cos, sin = text_graphs.rope_gather(g, self.tables, flat)  # [T, Dh], broadcasts over [1, H, T, Dh]
-            return cos, sin, text_graphs.causal_mask(g, flat)
+    def build(self) -> None:
+        graph = self.graph
+        self.tables = (graph.const(self.rope[0], name="rope.cos"), graph.const(self.rope[1], name="rope.sin"))
+        with graph.scope("model"):
+            tokens = self._embed()
+            for layer in range(self.text.num_layers):
+                with graph.scope(f"layers.{layer}"):
+                    tokens = self._route_at_input(layer, tokens)
+                    q, k, ctx = self._attention(layer, tokens)
+                    self._rank(layer, tokens, q, k)
+                    tokens, ctx = self._route_after_attention(layer, tokens, q, k, ctx)
+                    tokens = replace(tokens, hidden=self._finish(layer, tokens.hidden, ctx))
+            self._logits(tokens.hidden)
 
-    def _embed(self):
-        g, spec = self.g, self.spec
-        ids = g.input("input_ids", TensorProto.INT64, [1, "prefill_len"])
-        feats = g.input("image_features", self.ft, [1, spec.visual_tokens, spec.text.hidden_size])
-        self.vis_start = g.input("image_start", TensorProto.INT64, [1])
-        with g.scope("embed"):
-            emb = g.op("Gather", [g.const(self.w["text.embed_tokens"], name="text.embed_tokens"), ids], axis=0)
-            end = g.op("Add", [self.vis_start, g.ints([spec.visual_tokens])])
-            before = g.slice(emb, g.ints([0]), self.vis_start, axes=[1])
-            after = g.slice(emb, end, g.ints([blocks.INT64_MAX]), axes=[1])
-            x = g.op("Concat", [before, feats, after], axis=1)  # image features replace the placeholders
-            length = g.slice(g.op("Shape", [ids]), g.ints([1]), g.ints([2]), axes=[0])
-            positions = g.unsqueeze(text_graphs.arange(g, g.squeeze(length, [0])), [0])  # [1, T]
-        return x, positions
+    # ---- stages -----------------------------------------------------------------------------------
+    def _embed(self) -> Tokens:
+        graph, spec = self.graph, self.spec
+        ids = graph.input("input_ids", TensorProto.INT64, [1, "prefill_len"])
+        features = graph.input("image_features", self.float_type, [1, spec.visual_tokens, self.text.hidden_size])
+        self.vis_start = graph.input("image_start", TensorProto.INT64, [1])
+        with graph.scope("embed"):
+            table = graph.const(self.weights["text.embed_tokens"], name="text.embed_tokens")
+            embedded = graph.op("Gather", [table, ids], axis=0)
+            end = graph.op("Add", [self.vis_start, graph.ints([spec.visual_tokens])])
+            before = graph.slice(embedded, graph.ints([0]), self.vis_start, axes=[1])
+            after = graph.slice(embedded, end, graph.ints([blocks.INT64_MAX]), axes=[1])
+            hidden = graph.op("Concat", [before, features, after], axis=1)  # image features replace the placeholders
+            length = graph.slice(graph.op("Shape", [ids]), graph.ints([1]), graph.ints([2]), axes=[0])
+            positions = graph.unsqueeze(text_graphs.arange(graph, graph.squeeze(length, [0])), [0])  # [1, T]
+        return self._tokens(hidden, positions, spec.visual_tokens)
 
-    def _pdrop_scores(self, l: int, x: str, positions: str, n_vis: int, cos: str, sin: str) -> str:
-        """Rank with layer l's own attention over its full input (PyramidDrop): only the keys of
+    def _route_at_input(self, layer: int, tokens: Tokens) -> Tokens:
+        """FastV, PyramidDrop, VTW: visual rows leave before the layer's attention."""
+        graph, recipe = self.graph, self.recipe
+        keep = recipe.visual_tokens[layer]
+        if recipe.prune_stage != "layer_input" or keep >= tokens.n_vis:
+            return tokens
+        with graph.scope("route"):
+            if keep == 0:
+                hidden, positions = routing.drop_visual_span(graph, tokens.hidden, tokens.positions, self.vis_start,
+                                                             tokens.n_vis)
+            else:
+                scores = self._input_scores(layer, tokens)
+                hidden, positions, rows = self.routing.token_select(graph, scores, self.vis_start, tokens.hidden,
+                                                                    tokens.positions, keep, tokens.n_vis)
+                self._expose(layer, scores, rows, tokens.n_vis, keep)
+            return self._tokens(hidden, positions, keep)
+
+    def _attention(self, layer: int, tokens: Tokens) -> tuple[str, str, str]:
+        """The layer's input norm and attention; outputs its KV. Returns (q, k, ctx)."""
+        q, k, v, ctx = text_graphs.layer_attention(self.graph, self.spec, self.weights, layer, tokens.hidden,
+                                                   tokens.cos, tokens.sin, tokens.mask, self.float_type)
+        kv_dims = [1, self.text.num_kv_heads, f"kv_len_{layer}", self.text.head_dim]
+        self.graph.output(k, present_name(layer, "key"), self.float_type, kv_dims)
+        self.graph.output(v, present_name(layer, "value"), self.float_type, kv_dims)
+        return q, k, ctx
+
+    def _rank(self, layer: int, tokens: Tokens, q: str, k: str) -> None:
+        """FastV ranks with the previous layer's attention: the scores the next layer's selection uses."""
+        recipe = self.recipe
+        next_keep = recipe.visual_tokens[layer + 1] if layer + 1 < self.text.num_layers else tokens.n_vis
+        if (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
+                and recipe.score.combine != "random" and 0 < next_keep < tokens.n_vis):
+            with self.graph.scope("rank"):
+                self.pending = self._visual_score(q, k, tokens)
+
+    def _route_after_attention(self, layer: int, tokens: Tokens, q: str, k: str, ctx: str) -> tuple[Tokens, str]:
+        """FitPrune: rows leave after attention, before o_proj, from both the attention output and the residual."""
+        graph = self.graph
+        keep = self.recipe.mlp_visual_tokens()[layer]
+        if self.recipe.prune_stage != "after_attention" or keep >= tokens.n_vis:
+            return tokens, ctx
+        with graph.scope("route"):
+            if keep == 0:
+                ctx, _ = routing.drop_visual_span(graph, ctx, tokens.positions, self.vis_start, tokens.n_vis)
+                hidden, positions = routing.drop_visual_span(graph, tokens.hidden, tokens.positions, self.vis_start,
+                                                             tokens.n_vis)
+            else:
+                if self.recipe.score.combine == "random":
+                    scores = self._random_scores(layer, tokens.n_vis)
+                else:
+                    scores = self._visual_score(q, k, tokens)
+                widths = (self.text.num_heads * self.text.head_dim, self.text.hidden_size)
+                ctx, hidden, positions, rows = self.routing.token_select_pair(
+                    graph, scores, self.vis_start, ctx, tokens.hidden, tokens.positions, keep, tokens.n_vis, widths)
+                self._expose(layer, scores, rows, tokens.n_vis, keep)
+            return self._tokens(hidden, positions, keep), ctx
+
+    def _finish(self, layer: int, hidden: str, ctx: str, mlp_scale: str | None = None) -> str:
+        return text_graphs.layer_finish(self.graph, self.spec, self.weights, layer, hidden, ctx, self.float_type,
+                                        mlp_scale=mlp_scale)
+
+    def _logits(self, hidden: str) -> None:
+        graph = self.graph
+        last = graph.slice(hidden, graph.ints([-1]), graph.ints([blocks.INT64_MAX]), axes=[1])
+        logits = text_graphs.lm_head(graph, self.spec, self.weights, last, self.float_type)
+        graph.output(logits, "logits", TensorProto.FLOAT, [1, self.text.vocab_size])
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _tokens(self, hidden: str, positions: str, n_vis: int) -> Tokens:
+        """The token set with cos/sin and the causal mask derived from its positions."""
+        graph = self.graph
+        with graph.scope("positions"):
+            flat = graph.reshape(positions, [-1])
+            cos, sin = text_graphs.rope_gather(graph, self.tables, flat)  # [T, Dh], broadcasts over [1, H, T, Dh]
+            return Tokens(hidden, positions, n_vis, cos, sin, text_graphs.causal_mask(graph, flat))
+
+    def _visual_score(self, q: str, k: str, tokens: Tokens) -> str:
+        return self.routing.visual_score(self.graph, self.recipe.score, q, k, tokens.positions, self.vis_start,
+                                         tokens.n_vis, self.text, self.float_type)
+
+    def _expose(self, layer: int, scores: str, rows: str, n_vis: int, keep: int) -> str:
+        """The selection's scores and kept visual indices as graph outputs; returns the kept indices [keep]."""
+        kept = routing.kept_visual(self.graph, rows, self.vis_start, keep)
+        routing.expose_selection(self.graph, layer, scores, kept, n_vis, keep)
+        return kept
+
+    def _input_scores(self, layer: int, tokens: Tokens) -> str:
+        if self.recipe.score.combine == "random":
+            return self._random_scores(layer, tokens.n_vis)
+        if self.recipe.score.attention_layer_offset == -1:
+            return self.pending
+        return self._pdrop_scores(layer, tokens)
+
+    def _pdrop_scores(self, layer: int, tokens: Tokens) -> str:
+        """Rank with the layer's own attention over its full input (PyramidDrop): only the keys of
         all tokens and the query of the last token are projected for it."""
-        g, t = self.g, self.spec.text
-        dh = t.head_dim
+        graph, text = self.graph, self.text
+        head_dim = text.head_dim
         if self.recipe.score.query_rows != "last_text":
             raise ValueError("ranking with the pruning layer's own attention supports query_rows=last_text only")
-        fused = g.const(self.w[f"text.layers.{l}.attn.qkv.weight"], name=f"text.layers.{l}.attn.qkv.weight")
-        with g.scope("rank_projection"):
-            h = blocks.rms_norm(g, x, f"text.layers.{l}.input_norm.weight", self.w, t.rms_norm_eps, self.ft, "input_layernorm")
-            w_q = g.slice(fused, g.ints([0]), g.ints([t.num_heads * dh]), axes=[1])
-            w_k = g.slice(fused, g.ints([t.num_heads * dh]), g.ints([(t.num_heads + t.num_kv_heads) * dh]), axes=[1])
-            h_last = g.slice(h, g.ints([-1]), g.ints([blocks.INT64_MAX]), axes=[1])
-            q = g.transpose(g.reshape(g.op("MatMul", [h_last, w_q]), [1, -1, t.num_heads, dh]), [0, 2, 1, 3])
-            k = g.transpose(g.reshape(g.op("MatMul", [h, w_k]), [1, -1, t.num_kv_heads, dh]), [0, 2, 1, 3])
-            with g.scope("q"):  # the last token's rotation: the last row of the tables
-                last = lambda table: g.slice(table, g.ints([-1]), g.ints([blocks.INT64_MAX]), axes=[0])  # noqa: E731
-                q = blocks.apply_rope(g, q, last(cos), last(sin), dh)
-            with g.scope("k"):
-                k = blocks.apply_rope(g, k, cos, sin, dh)
-        return routing.visual_score(g, self.mode, self.recipe.score, q, k, positions, self.vis_start, n_vis,
-                                    **self.score_args)
+        qkv_name = f"text.layers.{layer}.attn.qkv.weight"
+        fused = graph.const(self.weights[qkv_name], name=qkv_name)
+        with graph.scope("rank_projection"):
+            hidden = blocks.rms_norm(graph, tokens.hidden, f"text.layers.{layer}.input_norm.weight", self.weights,
+                                     text.rms_norm_eps, self.float_type, "input_layernorm")
+            q_columns = text.num_heads * head_dim
+            weight_q = graph.slice(fused, graph.ints([0]), graph.ints([q_columns]), axes=[1])
+            weight_k = graph.slice(fused, graph.ints([q_columns]),
+                                   graph.ints([(text.num_heads + text.num_kv_heads) * head_dim]), axes=[1])
+            hidden_last = graph.slice(hidden, graph.ints([-1]), graph.ints([blocks.INT64_MAX]), axes=[1])
+            q = graph.transpose(graph.reshape(graph.op("MatMul", [hidden_last, weight_q]),
+                                              [1, -1, text.num_heads, head_dim]), [0, 2, 1, 3])
+            k = graph.transpose(graph.reshape(graph.op("MatMul", [hidden, weight_k]),
+                                              [1, -1, text.num_kv_heads, head_dim]), [0, 2, 1, 3])
+            with graph.scope("q"):  # the last token's rotation: the last row of the tables
+                def last_row(table: str) -> str:
+                    return graph.slice(table, graph.ints([-1]), graph.ints([blocks.INT64_MAX]), axes=[0])
 
-    def _random_scores(self, l: int, n_vis: int) -> str:
+                q = blocks.apply_rope(graph, q, last_row(tokens.cos), last_row(tokens.sin), head_dim)
+            with graph.scope("k"):
+                k = blocks.apply_rope(graph, k, tokens.cos, tokens.sin, head_dim)
+        return self._visual_score(q, k, tokens)
+
+    def _random_scores(self, layer: int, n_vis: int) -> str:
         """The random-selection baseline: a constant score vector, the same for every image."""
         from mllm_deploy.formats.recipe import random_scores
 
-        return self.g.const(random_scores(self.recipe.score.seed, l, n_vis), name=f"random_scores.{l}")
-
-    def build(self) -> None:
-        g, spec, recipe = self.g, self.spec, self.recipe
-        t = spec.text
-        self.tables = (g.const(self.rope[0], name="rope.cos"), g.const(self.rope[1], name="rope.sin"))
-        mlp_visual = recipe.mlp_visual_tokens()
-        offset = recipe.score.attention_layer_offset
-        with g.scope("model"):
-            x, positions = self._embed()
-            cos, sin, mask = self._derive(positions)
-            n_vis = spec.visual_tokens
-            pending = None  # scores prepared by the previous layer (FastV)
-            for l in range(t.num_layers):
-                want = recipe.visual_tokens[l]
-                with g.scope(f"layers.{l}"):
-                    if recipe.prune_stage == "layer_input" and want < n_vis:
-                        with g.scope("route"):
-                            if want == 0:
-                                x, positions = routing.drop_visual_span(g, x, positions, self.vis_start, n_vis)
-                            else:
-                                if recipe.score.combine == "random":
-                                    scores = self._random_scores(l, n_vis)
-                                elif offset == -1:
-                                    scores = pending
-                                else:
-                                    scores = self._pdrop_scores(l, x, positions, n_vis, cos, sin)
-                                x, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
-                                                                          positions, want, n_vis)
-                                routing.expose_selection(g, l, scores, routing.kept_visual(g, rows, self.vis_start, want),
-                                                         n_vis, want)
-                            n_vis = want
-                            cos, sin, mask = self._derive(positions)
-                    q, k, v, ctx = text_graphs.layer_attention(g, spec, self.w, l, x, cos, sin, mask, self.ft)
-                    kv_dims = [1, t.num_kv_heads, f"kv_len_{l}", t.head_dim]
-                    g.output(k, f"present.{l}.key", self.ft, kv_dims)
-                    g.output(v, f"present.{l}.value", self.ft, kv_dims)
-                    next_want = recipe.visual_tokens[l + 1] if l + 1 < t.num_layers else n_vis
-                    if (recipe.prune_stage == "layer_input" and offset == -1 and recipe.score.combine != "random"
-                            and 0 < next_want < n_vis):
-                        with g.scope("rank"):
-                            pending = routing.visual_score(g, self.mode, recipe.score, q, k, positions,
-                                                           self.vis_start, n_vis, **self.score_args)
-                    if recipe.prune_stage == "after_attention" and mlp_visual[l] < n_vis:
-                        with g.scope("route"):
-                            # FitPrune: rows leave after attention, before o_proj, from both the
-                            # attention output and the residual
-                            if mlp_visual[l] == 0:
-                                scores = None
-                            elif recipe.score.combine == "random":
-                                scores = self._random_scores(l, n_vis)
-                            else:
-                                scores = routing.visual_score(g, self.mode, recipe.score, q, k, positions,
-                                                              self.vis_start, n_vis, **self.score_args)
-                            if mlp_visual[l] == 0:
-                                ctx, _ = routing.drop_visual_span(g, ctx, positions, self.vis_start, n_vis)
-                                x, positions = routing.drop_visual_span(g, x, positions, self.vis_start, n_vis)
-                            elif self.mode == "native":
-                                # one selection, its kept rows reused for the attention output
-                                x, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, x,
-                                                                          positions, mlp_visual[l], n_vis)
-                                ctx = g.op("Gather", [ctx, rows], axis=1)
-                            else:
-                                # the plugin moves one tensor: ctx and the residual travel together
-                                width = t.num_heads * t.head_dim
-                                both = g.op("Concat", [ctx, x], axis=-1)
-                                both, positions, rows = routing.token_select(g, self.mode, scores, self.vis_start, both,
-                                                                             positions, mlp_visual[l], n_vis)
-                                ctx, x = g.split(both, [width, t.hidden_size], axis=-1)
-                            if scores is not None:
-                                kept = routing.kept_visual(g, rows, self.vis_start, mlp_visual[l])
-                                routing.expose_selection(g, l, scores, kept, n_vis, mlp_visual[l])
-                            n_vis = mlp_visual[l]
-                            cos, sin, mask = self._derive(positions)
-                    x = text_graphs.layer_finish(g, spec, self.w, l, x, ctx, self.ft)
-            last = g.slice(x, g.ints([-1]), g.ints([blocks.INT64_MAX]), axes=[1])
-            g.output(text_graphs.lm_head(g, spec, self.w, last, self.ft), "logits", TensorProto.FLOAT, [1, t.vocab_size])
+        return self.graph.const(random_scores(self.recipe.score.seed, layer, n_vis), name=f"random_scores.{layer}")

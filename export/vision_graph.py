@@ -15,45 +15,50 @@ def vision_layers_used(spec: ModelSpec) -> int:
     return layer if layer >= 0 else spec.vision.num_layers + 1 + layer
 
 
-def build_vision_graph(g: GraphBuilder, spec: ModelSpec, w: dict, ft: int) -> None:
-    v = spec.vision
-    dt = blocks.NP_FLOAT[ft]
-    heads, head_dim = v.num_heads, v.hidden_size // v.num_heads
-    pixels = g.input("pixel_values", ft, [1, v.num_channels, v.image_size, v.image_size])
-    with g.scope("vision"):
-        with g.scope("embeddings"):
-            patches = g.op(
+def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, float_type: int) -> None:
+    vision = spec.vision
+    dtype = blocks.NP_FLOAT[float_type]
+    heads, head_dim = vision.num_heads, vision.hidden_size // vision.num_heads
+    pixels = graph.input("pixel_values", float_type, [1, vision.num_channels, vision.image_size, vision.image_size])
+    with graph.scope("vision"):
+        with graph.scope("embeddings"):
+            patch_weight = graph.const(weights["vision.patch_embedding.weight"], name="vision.patch_embedding.weight")
+            patches = graph.op(
                 "Conv",
-                [pixels, g.const(w["vision.patch_embedding.weight"], name="vision.patch_embedding.weight")],
-                kernel_shape=[v.patch_size, v.patch_size],
-                strides=[v.patch_size, v.patch_size],
+                [pixels, patch_weight],
+                kernel_shape=[vision.patch_size, vision.patch_size],
+                strides=[vision.patch_size, vision.patch_size],
             )  # [1, dv, h, w]
-            patches = g.transpose(g.reshape(patches, [1, v.hidden_size, -1]), [0, 2, 1])  # [1, P, dv]
-            cls = g.reshape(g.const(w["vision.class_embedding"], name="vision.class_embedding"), [1, 1, v.hidden_size])
-            x = g.op("Concat", [cls, patches], axis=1)
-            x = g.op("Add", [x, g.const(w["vision.position_embedding"], name="vision.position_embedding")])
-        x = blocks.layer_norm(g, x, w, "vision.pre_layrnorm", v.layer_norm_eps, "pre_layrnorm")
-        for i in range(vision_layers_used(spec)):
-            p = f"vision.layers.{i}"
-            with g.scope(f"layers.{i}"):
-                h = blocks.layer_norm(g, x, w, f"{p}.ln1", v.layer_norm_eps, "layer_norm1")
-                with g.scope("attn"):
-                    qkv = blocks.linear(g, h, w, f"{p}.attn.qkv", "qkv_proj")
-                    qkv = g.transpose(g.reshape(qkv, [1, -1, 3, heads, head_dim]), [2, 0, 3, 1, 4])
-                    q, k, val = (g.squeeze(t, [0]) for t in g.split(qkv, [1, 1, 1], axis=0))
-                    scores = g.op("MatMul", [q, g.transpose(k, [0, 1, 3, 2])])
-                    scores = g.op("Mul", [scores, g.scalar(head_dim**-0.5, dt)])
-                    probs = blocks.softmax_f32(g, blocks.to_f32(g, scores, ft), ft)
-                    ctx = g.reshape(g.transpose(g.op("MatMul", [probs, val]), [0, 2, 1, 3]), [1, -1, v.hidden_size])
-                    x = g.op("Add", [x, blocks.linear(g, ctx, w, f"{p}.attn.o", "out_proj")])
-                h = blocks.layer_norm(g, x, w, f"{p}.ln2", v.layer_norm_eps, "layer_norm2")
-                with g.scope("mlp"):
-                    h = blocks.activation(g, blocks.linear(g, h, w, f"{p}.mlp.fc1", "fc1"), v.hidden_act, ft)
-                    x = g.op("Add", [x, blocks.linear(g, h, w, f"{p}.mlp.fc2", "fc2")])
+            patches = graph.transpose(graph.reshape(patches, [1, vision.hidden_size, -1]), [0, 2, 1])  # [1, P, dv]
+            cls = graph.reshape(graph.const(weights["vision.class_embedding"], name="vision.class_embedding"),
+                                [1, 1, vision.hidden_size])
+            x = graph.op("Concat", [cls, patches], axis=1)
+            position_embedding = graph.const(weights["vision.position_embedding"], name="vision.position_embedding")
+            x = graph.op("Add", [x, position_embedding])
+        x = blocks.layer_norm(graph, x, weights, "vision.pre_layrnorm", vision.layer_norm_eps, "pre_layrnorm")
+        for layer in range(vision_layers_used(spec)):
+            prefix = f"vision.layers.{layer}"
+            with graph.scope(f"layers.{layer}"):
+                hidden = blocks.layer_norm(graph, x, weights, f"{prefix}.ln1", vision.layer_norm_eps, "layer_norm1")
+                with graph.scope("attn"):
+                    qkv = blocks.linear(graph, hidden, weights, f"{prefix}.attn.qkv", "qkv_proj")
+                    qkv = graph.transpose(graph.reshape(qkv, [1, -1, 3, heads, head_dim]), [2, 0, 3, 1, 4])
+                    q, k, v = (graph.squeeze(part, [0]) for part in graph.split(qkv, [1, 1, 1], axis=0))
+                    scores = graph.op("MatMul", [q, graph.transpose(k, [0, 1, 3, 2])])
+                    scores = graph.op("Mul", [scores, graph.scalar(head_dim**-0.5, dtype)])
+                    probs = blocks.softmax_f32(graph, blocks.to_f32(graph, scores, float_type), float_type)
+                    ctx = graph.reshape(graph.transpose(graph.op("MatMul", [probs, v]), [0, 2, 1, 3]),
+                                        [1, -1, vision.hidden_size])
+                    x = graph.op("Add", [x, blocks.linear(graph, ctx, weights, f"{prefix}.attn.o", "out_proj")])
+                hidden = blocks.layer_norm(graph, x, weights, f"{prefix}.ln2", vision.layer_norm_eps, "layer_norm2")
+                with graph.scope("mlp"):
+                    hidden = blocks.activation(graph, blocks.linear(graph, hidden, weights, f"{prefix}.mlp.fc1", "fc1"),
+                                               vision.hidden_act, float_type)
+                    x = graph.op("Add", [x, blocks.linear(graph, hidden, weights, f"{prefix}.mlp.fc2", "fc2")])
         if spec.vision_feature_select_strategy == "default":  # drop the CLS position
-            x = g.slice(x, g.ints([1]), g.ints([np.iinfo(np.int64).max]), axes=[1])
-    with g.scope("projector"):
-        x = blocks.linear(g, x, w, "projector.linear_1", "linear_1")
-        x = blocks.activation(g, x, spec.projector_hidden_act, ft)
-        x = blocks.linear(g, x, w, "projector.linear_2", "linear_2")
-    g.output(x, "image_features", ft, [1, spec.visual_tokens, spec.text.hidden_size])
+            x = graph.slice(x, graph.ints([1]), graph.ints([np.iinfo(np.int64).max]), axes=[1])
+    with graph.scope("projector"):
+        x = blocks.linear(graph, x, weights, "projector.linear_1", "linear_1")
+        x = blocks.activation(graph, x, spec.projector_hidden_act, float_type)
+        x = blocks.linear(graph, x, weights, "projector.linear_2", "linear_2")
+    graph.output(x, "image_features", float_type, [1, spec.visual_tokens, spec.text.hidden_size])

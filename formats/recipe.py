@@ -111,16 +111,6 @@ class ModBlock:
         # the four rules have no default in a file: a missing one fails validate() by name
         return cls(**{**d, **{k: d.get(k) for k in ("router", "router_input", "skip", "selected_scale")}})
 
-    # Temporary dict-style reads, as of the JSON object, until export/mod_prefill.py, export/llava_export.py
-    # and formats/routers.py read the fields.
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._present():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self._present() else default
-
 
 @dataclass(frozen=True)
 class ModelRef:

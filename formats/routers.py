@@ -137,11 +137,11 @@ def recipe_routers(recipe) -> dict[int, LinearRouter]:
         return routers_from_tensors(recipe.routers, layers, hidden, "the recipe's routers")
     path = recipe.router_path()
     if path is None:
-        raise RecipeError(f"recipe mod.router {recipe.mod.get('router')!r} needs mod.router_file")
+        raise RecipeError(f"recipe mod.router {recipe.mod.router!r} needs mod.router_file")
     if not path.is_file():
         raise RecipeError(f"router file {path} named by the recipe is missing; keep it beside recipe.json")
     data = path.read_bytes()
-    expected = recipe.mod.get("router_sha256")
+    expected = recipe.mod.router_sha256
     if expected and hashlib.sha256(data).hexdigest() != expected:
         raise RecipeError(f"router file {path.name} does not match mod.router_sha256 in the recipe (altered or replaced)")
     from safetensors.numpy import load

@@ -125,17 +125,6 @@ def test_methods_registry_and_flags():
         methods.method_of(CommonOptions())
 
 
-def test_legacy_calib_options_map_onto_typed_options():
-    from mllm_deploy.calib.calibrate import CalibOptions
-    from mllm_deploy.calib.fitprune import FitPruneOptions
-    from mllm_deploy.calib.mod import ModOptions
-
-    assert CalibOptions(method="fitprune", budget=0.5, data="d", fastv_k=3) == FitPruneOptions(budget=0.5, data="d")
-    assert CalibOptions("mod", mod_plan="prd", mod_router="attention") == ModOptions(plan="prd", router="attention")
-    with pytest.raises(TypeError, match="bogus"):
-        CalibOptions("fastv", bogus=1)
-
-
 def test_calibration_is_deterministic(tiny_model_dirs, tmp_path):
     a = json.loads((lambda r: r.to_json())(calib(tiny_model_dirs["mha42"], tmp_path / "a.json", "--method", "fitprune",
                                                  "--budget", "0.4", "--data", "builtin:synthetic:4")))

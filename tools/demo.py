@@ -42,7 +42,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from mllm_deploy.calib.calibrate import CalibOptions, calibrate
+    from mllm_deploy.calib.calibrate import calibrate
+    from mllm_deploy.calib.fitprune import FitPruneOptions
     from mllm_deploy.formats.recipe import save_recipe
     from mllm_deploy.export.llava_export import ExportOptions, export_bundle
     from mllm_deploy.models.registry import cache_dir, load_spec
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     load_spec(args.model)  # an unknown or unsupported model fails here, before anything is written
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "demo"
     name = Path(args.model).name
-    recipe = calibrate(args.model, CalibOptions(method="fitprune", budget=args.budget,
-                                                data=f"builtin:shapes-vqa:validation:{args.calib}"), log=log)
+    options = FitPruneOptions(budget=args.budget, data=f"builtin:shapes-vqa:validation:{args.calib}")
+    recipe = calibrate(args.model, options, log=log)
     workdir.mkdir(parents=True, exist_ok=True)
     recipe_path = workdir / f"{name}-fitprune.json"
     save_recipe(recipe, recipe_path)
