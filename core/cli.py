@@ -16,7 +16,11 @@ from mllm_deploy.core.errors import MllmError
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    from mllm_deploy import __version__
+
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (mllm-deploy) {__version__}",
+                        help="print the version and exit")
 
 
 def main(

@@ -90,3 +90,12 @@ def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.startswith("formula:")
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_cli_says_its_version(script):
+    from conftest import run_cli
+    from mllm_deploy import __version__
+
+    proc = run_cli(script, "--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"{script} (mllm-deploy) {__version__}", proc
