@@ -26,6 +26,8 @@ Prefill returns what the runtime reads (``logits``, ``present.{l}.*``), not a ro
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import os
 
 import numpy as np
@@ -135,8 +137,9 @@ class TorchRunner(Runner):
         with torch.device(self.shared.device), torch.inference_mode():
             return self.run(self.shared.reference, feed)
 
+    @abstractmethod
     def run(self, reference, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One graph's outputs from the shared reference (each of the three graphs' runner defines it)."""
 
     # ---- the runner boundary: arrays in the bundle's dtypes, tensors in the reference's ----------------
     def tensor(self, array: np.ndarray):

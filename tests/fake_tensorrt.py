@@ -102,13 +102,18 @@ def _read(ptr: int, shape, dtype) -> np.ndarray:
 
 
 # ---- what the parser sees --------------------------------------------------------------------------------------
-def integer_shape_inputs(model) -> set[str]:
-    """Inputs whose values reach a shape slot through integer tensors (the fake parser's own rule)."""
+def _inferred_types(model) -> dict[str, int]:
+    """tensor name -> ONNX element type, from ONNX shape inference (plugin outputs may be missing)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    return {v.name: v.type.tensor_type.elem_type for v in
+            list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+
+
+def integer_shape_inputs(model) -> set[str]:
+    """Inputs whose values reach a shape slot through integer tensors (the fake parser's own rule)."""
+    types = _inferred_types(model)
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
@@ -342,7 +347,9 @@ class FakeTensorRT:
                 self.network.path, self.network.plugins = str(path), plugins
                 self.network.inputs = _tensors(model.graph.input, shape_inputs)
                 self.network.outputs = _tensors(model.graph.output)
-                self.network.layers = [FakeLayer(n.name, ["FLOAT"] * len(n.output)) for n in model.graph.node]
+                types = _inferred_types(model)  # a layer's output types, as the parser gives them
+                self.network.layers = [FakeLayer(n.name, [ONNX_TO_TRT.get(types.get(out), "FLOAT") for out in n.output])
+                                       for n in model.graph.node]
                 return True
 
         class Runtime:

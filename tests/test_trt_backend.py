@@ -332,8 +332,14 @@ def test_fp16_builds_keep_ranking_layers_in_fp32(kind, tiny_bundles, pruned_bund
     assert plan["fp16"]
     nodes = [n for n in onnx.load(str(bundle.graph_path("prefill")), load_external_data=False).graph.node]
     topk = {n.name for n in nodes if n.op_type == "TopK"}
-    scores = {n.name for n in nodes if "/VisualScore/" in n.name or "/router/" in n.name}
+    from fake_tensorrt import _inferred_types
+
+    types = _inferred_types(onnx.load(str(bundle.graph_path("prefill")), load_external_data=False))
+    scores = {n.name for n in nodes if ("/VisualScore/" in n.name or "/router/" in n.name)
+              and any(types.get(out) in (1, 10) for out in n.output)}  # every score layer with a float output
     assert topk and topk <= set(plan["fp32_layers"]) and scores <= set(plan["fp32_layers"])
     assert not any("/mlp/" in name or name.endswith("/attn/qkv_proj/MatMul") for name in plan["fp32_layers"])
+    index_math = {n.name for n in nodes if n.op_type in ("Range", "Squeeze") and "/TokenSelect/" in n.name}
+    assert index_math and not index_math & set(plan["fp32_layers"])  # integer layers have no float precision
     plain, _ = _build(bundle, fake_trt, fp16=False, force=True)
     assert json.loads((bundle.path / "engines" / "prefill.plan").read_bytes())["fp32_layers"] == []

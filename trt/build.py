@@ -174,14 +174,15 @@ def pin_ranking_layers(trt, network) -> list[str]:
     """With the FP16 builder flag TensorRT may run any layer of a float32 network in FP16; ranking scores must stay
     FP32 (a near-tie would flip otherwise), so pin the ranking layers and their float outputs. Returns their names."""
     pinned = []
+    floats = (trt.float16, trt.float32)
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if not is_ranking_layer(layer.name):
-            continue
+        float_outputs = [slot for slot in range(layer.num_outputs) if layer.get_output_type(slot) in floats]
+        if not is_ranking_layer(layer.name) or not float_outputs:
+            continue  # integer index arithmetic has no float precision to pin
         layer.precision = trt.float32
-        for slot in range(layer.num_outputs):
-            if layer.get_output_type(slot) in (trt.float16, trt.float32):
-                layer.set_output_type(slot, trt.float32)
+        for slot in float_outputs:
+            layer.set_output_type(slot, trt.float32)
         pinned.append(layer.name)
     return pinned
 

@@ -163,9 +163,9 @@ class OrtRunner(Runner):
             bound = self._bound.get(name)
             if bound is not None and bound[0] is array:
                 continue
-            array = np.ascontiguousarray(array)
+            array = np.ascontiguousarray(array)  # the same object when it already is: then it is matched next step
             value = ort.OrtValue.ortvalue_from_numpy(array)
-            self._bound[name] = (feed[name] if array is feed[name] else array, value)
+            self._bound[name] = (array, value)
             self._binding.bind_ortvalue_input(name, value)
             self.kv_values_created += int(parse_kv_name(name) is not None)
         self.session.run_with_iobinding(self._binding)
