@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +310,7 @@ def _spec_from_config(cfg: dict) -> ModelSpec:
     image_token_id = cfg.get("image_token_id", top["image_token_index"])
     if isinstance(image_token_id, bool) or not isinstance(image_token_id, int) or image_token_id < 0:
         raise UnsupportedModelError(f"config.json image_token_index must be a token id, got {image_token_id!r}")
-    return ModelSpec(
+    spec = ModelSpec(
         architecture=arch,
         vision=vision,
         text=text_spec,
@@ -319,9 +319,17 @@ def _spec_from_config(cfg: dict) -> ModelSpec:
         vision_feature_select_strategy=strategy,
         projector_hidden_act=top["projector_hidden_act"],
         projector_bias=bool(top["multimodal_projector_bias"]),
-        # the text config as written (not as filled in), so recipes made before defaults were filled still match
-        fingerprint=sha256_text(canonical_json(cfg.get("text_config"))),
+        fingerprint="",
     )
+    return replace(spec, fingerprint=geometry_fingerprint(spec))
+
+
+def geometry_fingerprint(spec: ModelSpec) -> str:
+    """sha256 of the geometry as transformers resolves it (every field, defaults filled), so a hub config, its
+    save_pretrained() copy and a hand-filled config of the same model get one fingerprint; names, dtypes and
+    other fields that do not change the graphs do not enter it."""
+    fields = {key: value for key, value in spec.to_dict().items() if key != "fingerprint"}
+    return sha256_text(canonical_json(fields))
 
 
 def spec_from_manifest(model: dict) -> ModelSpec:

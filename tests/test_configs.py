@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_cli
 
-from mllm_deploy.core.errors import DependencyError, UnsupportedModelError
+from mllm_deploy.core.errors import DependencyError, RecipeError, UnsupportedModelError
 from mllm_deploy.formats.geometry import TRANSFORMERS_DEFAULTS_VERSION, ModelSpec, read_config, spec_from_config
 
 transformers = pytest.importorskip("transformers")
@@ -28,18 +28,20 @@ PRESET_OF = {"llava-hf--llava-1.5-7b-hf.json": "llava-1.5-7b-shape",
              "llava-hf--llava-1.5-13b-hf.json": "llava-1.5-13b-shape"}
 
 LLAVA_7B = json.loads((CONFIGS / "llava-hf--llava-1.5-7b-hf.json").read_text())
-# NOT published files: stand-ins in the shape of llava-hf's (a partial text_config that leaves the rest to
-# transformers' defaults), because no verbatim copy of llava-hf/llava-1.5-13b-hf's or of a Mistral-text
-# LLaVA's (llava-hf/bakLlava-v1-hf) config.json was at hand. A verbatim file in tests/data/configs/ is
-# better; these still exercise the 13B geometry and MistralConfig's defaults (8 KV heads, sliding window,
-# 14336 intermediate, 131072 positions). Their values are illustrative, not copied from those files.
+# llava-hf/llava-1.5-13b-hf's config.json is NOT published here: no verbatim copy was at hand (the search
+# corpora hold none), so the 13B case is a stand-in in the shape of llava-hf's (a partial text_config that
+# leaves the rest to transformers' defaults), its values illustrative. A verbatim file dropped into
+# tests/data/configs/ is checked automatically and is better.
 LLAVA_13B_LIKE = copy.deepcopy(LLAVA_7B)
 LLAVA_13B_LIKE["text_config"].update(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
                                      num_hidden_layers=40, num_key_value_heads=40)
-MISTRAL_TEXT_LIKE = copy.deepcopy(LLAVA_7B)
-MISTRAL_TEXT_LIKE["text_config"] = {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768,
-                                    "model_type": "mistral", "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
-                                    "vocab_size": 32002}
+# A Mistral-text LLaVA: the text_config is llava-hf/llava-v1.6-mistral-7b-hf's, as published (key for key,
+# quoted in TensorRT-LLM's tests/unittest/_torch/modeling/test_modeling_llava_next.py), inside the 1.5
+# wrapper because LLaVA-NeXT itself is issue 22. It leaves hidden_size, the layer and head counts to
+# MistralConfig's defaults and sets sliding_window to null.
+MISTRAL_TEXT = copy.deepcopy(LLAVA_7B)
+MISTRAL_TEXT["text_config"] = json.loads((CONFIGS / "text" / "llava-hf--llava-v1.6-mistral-7b-hf.text_config.json")
+                                         .read_text())
 
 
 def _edge(**changes) -> dict:
@@ -57,7 +59,7 @@ def _edge(**changes) -> dict:
 
 HAND_WRITTEN = {
     "llava-1.5-13b-like": LLAVA_13B_LIKE,
-    "mistral-text-like": MISTRAL_TEXT_LIKE,
+    "llava-v1.6-mistral-text": MISTRAL_TEXT,
     "mistral-no-sliding-window": _edge(text={"model_type": "mistral", "num_key_value_heads": 32, "sliding_window": None}),
     "bare-llava": {"model_type": "llava"},  # both sub-configs absent: LlavaConfig's sub_configs_defaults
     "no-architectures": _edge(architectures=None),
@@ -238,7 +240,7 @@ def test_flops_equal_the_preset(case, preset, tmp_path):
     assert _flops(str(model_dir_for(case, tmp_path))) == _flops(preset)
 
 
-@pytest.mark.parametrize("case", ["llava-hf--llava-1.5-7b-hf.json", "mistral-text-like", "saved-llama"])
+@pytest.mark.parametrize("case", ["llava-hf--llava-1.5-7b-hf.json", "llava-v1.6-mistral-text", "saved-llama"])
 def test_static_calibration_from_config_alone(case, tmp_path):
     model_dir = model_dir_for(case, tmp_path)
     assert [p.name for p in model_dir.iterdir()] == ["config.json"]
@@ -325,3 +327,24 @@ def test_older_transformers_is_refused_in_one_line(old, monkeypatch, tmp_path):
     monkeypatch.setattr(current, "__version__", old)  # what load_hf_model sees
     with pytest.raises(DependencyError, match=f"needs transformers>={loading.TRANSFORMERS_FLOOR}"):
         loading.load_hf_model(tmp_path)
+
+
+# ---- the recipe fingerprint ------------------------------------------------------------------------------
+def test_fingerprint_is_the_resolved_geometry(tmp_path):
+    """A hub config and transformers' save_pretrained() copy of it (every default written out, other names
+    and versions) are one model: a recipe made from either fits the other. A changed geometry field does not."""
+    hub = model_dir_for("llava-hf--llava-1.5-7b-hf.json", tmp_path)
+    saved = tmp_path / "saved"
+    transformers.AutoConfig.from_pretrained(hub, local_files_only=True).save_pretrained(saved)
+    assert (saved / "config.json").read_text() != (hub / "config.json").read_text()
+    out = tmp_path / "fastv.json"
+    result = run_cli("calib-mllm", "--model", str(hub), "--method", "fastv", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    from mllm_deploy.formats.recipe import load_recipe
+
+    recipe = load_recipe(out)
+    recipe.check_model(spec_from_config(read_config(saved)))  # raises on a mismatch
+    for change in ({"rms_norm_eps": 1e-6}, {"rope_theta": 20000.0}, {"vocab_size": 32000}):
+        other = spec_from_config(_edge(text=change))
+        with pytest.raises(RecipeError, match="model.fingerprint"):
+            recipe.check_model(other)
