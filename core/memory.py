@@ -125,16 +125,18 @@ def activation_bytes(spec, prompt_tokens: int, dtype_bytes: int) -> int:
 
 def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], prompt_tokens: int,
                      weights_file_bytes: int | None = None, shared_weights: bool = True,
-                     float16_on_cpu: bool = False) -> MemoryEstimate:
-    """A loaded bundle answering one request. With shared weights (the runtime's default: the weights file
-    mapped once, runtime/backends/ort.py) every weight is resident once; otherwise the prefill and the decode
-    session each pre-pack their own copy of the text model's weights. ``float16_on_cpu``: ONNX Runtime's CPU
+                     float16_on_cpu: bool = False, packed_copies: int | None = None) -> MemoryEstimate:
+    """A loaded bundle answering one request. With shared weights (the weights file mapped once,
+    runtime/backends/ort.py) every weight is resident once; each session that pre-packs (``packed_copies`` of
+    them: 1 in the runtime's "fast" mode, the decode session; otherwise the prefill and the decode session) adds
+    its own copy of the text model's weights. ``float16_on_cpu``: ONNX Runtime's CPU
     provider has no float16 GEMM on x86 and runs those MatMuls in float32 behind Casts whose float32 weights
     stay resident, one copy per session (measured: prefill and decode each add 2x the text weights' float16
     bytes)."""
     text = text_parameters(spec.text) * dtype_bytes
     stored = weights_file_bytes if weights_file_bytes is not None else text + vision_parameters(spec) * dtype_bytes
-    weights = stored if shared_weights else stored + min(text, stored)
+    copies = packed_copies if packed_copies is not None else (0 if shared_weights else 1)
+    weights = stored + copies * min(text, stored)
     if float16_on_cpu and dtype_bytes == 2:
         weights += 2 * 2 * min(text, stored)
     return MemoryEstimate(

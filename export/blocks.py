@@ -40,13 +40,32 @@ def layer_norm(graph: GraphBuilder, x: str, weights: dict, prefix: str, eps: flo
 
 def rms_norm(graph: GraphBuilder, x: str, weight_name: str, weights: dict, eps: float, float_type: int,
              name: str) -> str:
-    """Llama RMSNorm: float32 statistics, result cast back, then scaled by the weight."""
+    """Llama RMSNorm: float32 statistics, result cast back, then scaled by the weight (one fused node in the
+    onnxruntime target)."""
+    if graph.target == "onnxruntime":  # statistics in float32 (stash_type 1) as Hugging Face computes them
+        weight = graph.const(weights[weight_name], name=weight_name)
+        return graph.typed(graph.op("SimplifiedLayerNormalization", [x, weight], name=name, axis=-1,
+                                    epsilon=float(eps), stash_type=1), float_type)
     with graph.scope(name):
         x_f32 = to_f32(graph, x, float_type)
         variance = graph.reduce_mean(graph.op("Mul", [x_f32, x_f32]), axes=[-1])
         denom = graph.op("Sqrt", [graph.op("Add", [variance, graph.scalar(eps, np.float32)])])
         normed = from_f32(graph, graph.op("Div", [x_f32, denom]), float_type)
         return graph.op("Mul", [graph.const(weights[weight_name], name=weight_name), normed])
+
+
+def residual_rms_norm(graph: GraphBuilder, x: str, delta: str, weight_name: str, weights: dict, eps: float,
+                      float_type: int, name: str) -> tuple[str, str]:
+    """(RMSNorm(x + delta), x + delta): the residual add and the next norm, one fused node in the onnxruntime
+    target (SkipSimplifiedLayerNormalization, which ONNX Runtime does not form by itself from the two)."""
+    if graph.target != "onnxruntime":
+        total = graph.op("Add", [x, delta])
+        return rms_norm(graph, total, weight_name, weights, eps, float_type, name), total
+    weight = graph.const(weights[weight_name], name=weight_name)
+    normed, _, _, total = graph.op("SkipSimplifiedLayerNormalization", [x, delta, weight], name=name, outputs=4,
+                                   domain="com.microsoft", epsilon=float(eps))
+    graph.typed([normed, total], float_type)
+    return normed, total
 
 
 def activation(graph: GraphBuilder, x: str, kind: str, float_type: int) -> str:

@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-21; default 17)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check of the ONNX graphs against the PyTorch model")
+    p.add_argument("--no-ort-graphs", dest="ort_graphs", action="store_false",
+                   help="leave out the onnxruntime-target prefill/decode graphs (ONNX Runtime's fused ops, used by"
+                        " run/bench/eval on ONNX Runtime; TensorRT builds the portable graphs either way)")
+    p.add_argument("--verify-layers", type=int, metavar="N",
+                   help="verify on a depth-truncated copy: the first N decoder layers of the same checkpoint, exported"
+                        " the same way and compared with the same-depth PyTorch model (for models too big for"
+                        " PyTorch in this machine's memory; safetensors checkpoints, not MoD recipes)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--check-trt", metavar="VERSION",
                    help="also fail unless TensorRT VERSION's ONNX parser accepts every graph (10.3, 10.16, 11.4)")
@@ -37,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
                             recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory,
-                            cache_dir=args.cache_dir)
+                            cache_dir=args.cache_dir, verify_layers=args.verify_layers, ort_graphs=args.ort_graphs)
     export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

@@ -85,9 +85,10 @@ class WeightStore:
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
 
-    def __init__(self, name: str, opset: int, weights: WeightStore | None = None):
+    def __init__(self, name: str, opset: int, weights: WeightStore | None = None, target: str = "portable"):
         self.name = name
         self.opset = opset
+        self.target = target  # "portable" (standard ops: TensorRT, any runtime) or "onnxruntime" (its fused ops)
         self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -97,6 +98,7 @@ class GraphBuilder:
         self._used_names: dict[str, int] = {}
         self._initializer_names: set[str] = set()
         self.custom_domains: dict[str, int] = {}
+        self.value_infos: list[onnx.ValueInfoProto] = []  # element types ONNX's inference cannot derive
 
     # ---- naming -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -176,6 +178,13 @@ class GraphBuilder:
         self.op("Identity", [tensor], name=f"output/{name}", outputs=[name])
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
+    def typed(self, tensors: str | Sequence[str], elem_type: int) -> str | list[str]:
+        """Declare the element type of outputs of ops ONNX's own type inference does not know (ONNX Runtime's
+        contrib ops), so tools that infer types downstream (the routing plugins' ORT kernels) still can."""
+        for name in [tensors] if isinstance(tensors, str) else tensors:
+            self.value_infos.append(helper.make_tensor_value_info(name, elem_type, None))
+        return tensors
+
     # ---- common op helpers (opset-dependent spellings live here) ---------------------------
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 1) -> str:
         """ReduceSum takes axes as an input since opset 13, the other reductions since 18."""
@@ -209,9 +218,13 @@ class GraphBuilder:
         return self.op("Cast", [x], to=to)
 
     def make_model(self, producer: str = "mllm-deploy") -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers,
+                                  value_info=self.value_infos)
         opsets = [helper.make_opsetid("", self.opset)]
-        opsets += [helper.make_opsetid(domain, version) for domain, version in sorted(self.custom_domains.items())]
+        domains = dict(self.custom_domains)
+        if any(node.domain == "com.microsoft" for node in self.nodes):
+            domains["com.microsoft"] = 1
+        opsets += [helper.make_opsetid(domain, version) for domain, version in sorted(domains.items())]
         model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
         model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16 and TensorRT 10
         return model

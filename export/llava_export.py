@@ -34,6 +34,8 @@ class ExportOptions:
     check_trt: str | None = None  # TensorRT version whose ONNX parser must accept every graph
     max_memory: int | None = None  # bytes; refuse when the export's memory estimate exceeds it
     cache_dir: str | None = None  # Hugging Face cache to look --model ids up in (None: HF_HUB_CACHE / HF_HOME)
+    ort_graphs: bool = True  # also the onnxruntime-target prefill/decode (fused ops; same weights file)
+    verify_layers: int | None = None  # verify on the first N decoder layers (a model too big for PyTorch here)
 
 
 def _write_tokenizer(model_dir: Path, target: Path) -> dict:
@@ -75,8 +77,14 @@ def _write_tokenizer(model_dir: Path, target: Path) -> dict:
     }
 
 
-def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path, recipe, routing: str):
+def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path, recipe, routing: str,
+            ort_graphs: bool = True):
+    """The portable vision, prefill and decode graphs and, unless ``ort_graphs`` is off, the onnxruntime-target
+    prefill and decode (ONNX Runtime's fused ops), all on one weights file: each weight is written once."""
     import onnx
+
+    from mllm_deploy.export import ort_fused
+    from mllm_deploy.formats.manifest import ORT_GRAPHS
 
     from mllm_deploy.export.graph import GraphBuilder, WeightStore
     from mllm_deploy.export.manifest import graph_entry
@@ -94,19 +102,23 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
     bar = Progress(len(weights), "weights", unit="tensors")  # every weight is written once, whichever graph asks
     store = WeightStore(out_dir / "weights.bin", on_new=lambda name, nbytes: bar.update() if name in weights else None)
     entries = {}
+    plan = [("vision", "vision", "portable"), ("prefill", "prefill", "portable"), ("decode", "decode", "portable")]
+    if ort_graphs and ort_fused.unsupported(spec) is None:
+        plan += [(ORT_GRAPHS[role], role, "onnxruntime") for role in ("prefill", "decode")]
     try:
-        for name, build in (("vision", build_vision_graph), ("prefill", build_prefill_graph), ("decode", build_decode_graph)):
+        for name, role, target in plan:
             bar.label = f"weights ({name} graph)"
-            g = GraphBuilder(name, opset, store)
-            if name == "vision":
-                build(g, spec, weights, ft)
-            elif name == "prefill":
-                build(g, spec, weights, rope, ft, recipe, routing)
+            g = GraphBuilder(name, opset, store, target=target)
+            if role == "vision":
+                build_vision_graph(g, spec, weights, ft)
+            elif role == "prefill":
+                build_prefill_graph(g, spec, weights, rope, ft, recipe, routing)
             else:
-                build(g, spec, weights, rope, ft)
+                build_decode_graph(g, spec, weights, rope, ft)
             model = g.make_model()
-            onnx.save(model, out_dir / f"{name}.onnx")
-            entries[name] = graph_entry(model, f"{name}.onnx")
+            file_name = f"{role}.onnx" if target == "portable" else f"{role}.ort.onnx"
+            onnx.save(model, out_dir / file_name)
+            entries[name] = {**graph_entry(model, file_name), "target": target}
     finally:
         store.close()
         bar.close()
@@ -122,21 +134,24 @@ def _producer_versions() -> dict:
             "onnx": onnx.__version__}
 
 
-def _check_memory(spec: ModelSpec, model: str, options: ExportOptions, streaming: bool) -> None:
-    """Refuse, before the weights load, an export whose estimate exceeds --max-memory or the memory available."""
+def _check_memory(spec: ModelSpec, model: str, options: ExportOptions, streaming: bool, recipe) -> None:
+    """Refuse, before the weights load, an export whose estimate exceeds --max-memory or the memory available.
+    With --verify-layers the export and the truncated verification come one after the other: the larger counts."""
     from mllm_deploy.core.memory import available_memory, check_memory, export_estimate
 
-    estimate = export_estimate(spec, np.dtype(DTYPES[options.dtype]).itemsize, spec.visual_tokens + 12,
-                               verify=options.verify, streaming=streaming)
-    check_memory(estimate, f"exporting {model} ({options.dtype})", options.max_memory, available_memory())
+    size, prompt = np.dtype(DTYPES[options.dtype]).itemsize, spec.visual_tokens + 12
+    estimate = export_estimate(spec, size, prompt, verify=options.verify, streaming=streaming)
+    what = f"exporting {model} ({options.dtype})"
+    if options.verify and options.verify_layers is not None and options.verify_layers < spec.text.num_layers:
+        short, _ = truncated_pair(spec, recipe, options.verify_layers)
+        estimate = max(export_estimate(spec, size, prompt, verify=False, streaming=streaming),
+                       export_estimate(short, size, prompt, verify=True, streaming=streaming), key=lambda e: e.total)
+        what += f", verified on {options.verify_layers} layers"
+    check_memory(estimate, what, options.max_memory, available_memory())
 
 
 def export_bundle(model: str, output: str | Path, options: ExportOptions = ExportOptions(), log=print) -> Path:
-    from mllm_deploy.export.checkpoint import SafetensorsCheckpoint, StreamingWeights, has_safetensors
-    from mllm_deploy.export.manifest import BUNDLE_SCHEMA, file_hashes
-    from mllm_deploy.export.verify import verify_bundle
-    from mllm_deploy.export.weights import collect_weights
-    from mllm_deploy.export.vision_graph import vision_layers_used
+    from mllm_deploy.export.checkpoint import has_safetensors
     from mllm_deploy.formats.image import ImagePreprocessConfig
 
     if options.dtype not in DTYPES:
@@ -163,58 +178,28 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
     streaming = has_safetensors(model_dir)
-    _check_memory(spec, model, options, streaming)
+    truncated = options.verify and options.verify_layers is not None and options.verify_layers < spec.text.num_layers
+    if options.verify_layers is not None:
+        _check_verify_layers(options.verify_layers, spec, recipe, streaming)
+    _check_memory(spec, model, options, streaming, recipe)
     # the PyTorch model is loaded only to verify against; the weights stream from the safetensors files
-    hf_model = load_hf_model(model_dir, attn_implementation="eager") if options.verify or not streaming else None
+    full_model = options.verify and not truncated or not streaming
+    hf_model = load_hf_model(model_dir, attn_implementation="eager") if full_model else None
 
     with atomic_directory(output) as tmp:
         log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"
             f" {options.routing} routing)")
-        if streaming:
-            weights = StreamingWeights(SafetensorsCheckpoint(model_dir), spec, DTYPES[options.dtype],
-                                       vision_layers_used(spec), spec.text.tie_word_embeddings)
-        else:  # a checkpoint in another format (pytorch_model.bin): from the loaded model
-            weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
-        graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing)
-        tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
-        if recipe.router_path() is not None:
-            # the routers are baked into prefill.onnx; the copy lets the embedded recipe's PyTorch
-            # reference (bench-mllm --backend torch) find them beside the manifest
-            import shutil
+        from mllm_deploy.export.ort_fused import unsupported
 
-            shutil.copyfile(recipe.router_path(), tmp / recipe.mod.router_file)
-        manifest = {
-            "schema": BUNDLE_SCHEMA,
-            "producer": _producer_versions(),
-            "source_model": str(model),
-            "dtype": options.dtype,
-            "model": {**spec.to_dict(), "visual_tokens": spec.visual_tokens},
-            "recipe": recipe.to_dict(),
-            "routing": options.routing,
-            "graphs": graphs,
-            "weights": "weights.bin",
-            "kv_cache": {
-                "layout": "[1, num_kv_heads, length, head_dim] per layer",
-                "formula": "kv_len[l] = prompt_len - visual_tokens + recipe.visual_tokens[l]",
-                "visual_tokens_per_layer": list(recipe.visual_tokens),
-                "decode": "static buffers; decode writes new.{l}.* at slot past_lengths[l]",
-            },
-            "tokenizer": tokenizer,
-            "image": image_config.to_dict(),
-        }
-        manifest["files"] = file_hashes(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        from mllm_deploy.runtime.bundle import record_verified
+        if options.ort_graphs and unsupported(spec):
+            log(f"export: no onnxruntime-target graphs ({unsupported(spec)}); ONNX Runtime runs the portable ones")
+        _write_bundle(tmp, model, model_dir, spec, recipe, image_config, options, hf_model, streaming)
+        if truncated:
+            _verify_truncated(model, model_dir, spec, recipe, image_config, options, log, output.parent)
+        elif options.verify:
+            from mllm_deploy.export.verify import verify_bundle
 
-        record_verified(tmp, manifest["files"])  # hashed just now: loads trust them until a file changes
-        if options.verify:
-            comparison = verify_bundle(tmp, hf_model, spec, options.dtype, recipe)
-            log(f"verify: {comparison.summary()}")
-            if not comparison.ok:
-                raise VerificationError(
-                    f"exported graphs disagree with the PyTorch model ({comparison.summary()});"
-                    " no bundle written (--no-verify skips this check)"
-                )
+            _judge(verify_bundle(tmp, hf_model, spec, options.dtype, recipe), log, "")
         if options.check_trt:
             from mllm_deploy.trt.check import check_bundle
 
@@ -226,3 +211,109 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
                     f" {findings[0].line()}; no bundle written"
                 )
     return output
+
+
+def _write_bundle(tmp: Path, model: str, model_dir: Path, spec: ModelSpec, recipe, image_config, options: ExportOptions,
+                  hf_model, streaming: bool) -> dict:
+    """Graphs, weights, tokenizer and manifest of (spec, recipe) into tmp; the manifest is returned."""
+    from mllm_deploy.export.checkpoint import SafetensorsCheckpoint, StreamingWeights
+    from mllm_deploy.export.manifest import BUNDLE_SCHEMA, file_hashes
+    from mllm_deploy.export.vision_graph import vision_layers_used
+    from mllm_deploy.export.weights import collect_weights
+    from mllm_deploy.runtime.bundle import record_verified
+
+    if streaming:
+        weights = StreamingWeights(SafetensorsCheckpoint(model_dir), spec, DTYPES[options.dtype],
+                                   vision_layers_used(spec), spec.text.tie_word_embeddings)
+    else:  # a checkpoint in another format (pytorch_model.bin): from the loaded model
+        weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
+    graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing, options.ort_graphs)
+    tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
+    if recipe.router_path() is not None:
+        # the routers are baked into prefill.onnx; the copy lets the embedded recipe's PyTorch
+        # reference (bench-mllm --backend torch) find them beside the manifest
+        import shutil
+
+        shutil.copyfile(recipe.router_path(), tmp / recipe.mod.router_file)
+    manifest = {
+        "schema": BUNDLE_SCHEMA,
+        "producer": _producer_versions(),
+        "source_model": str(model),
+        "dtype": options.dtype,
+        "model": {**spec.to_dict(), "visual_tokens": spec.visual_tokens},
+        "recipe": recipe.to_dict(),
+        "routing": options.routing,
+        "graphs": graphs,
+        "weights": "weights.bin",
+        "kv_cache": {
+            "layout": "[1, num_kv_heads, length, head_dim] per layer",
+            "formula": "kv_len[l] = prompt_len - visual_tokens + recipe.visual_tokens[l]",
+            "visual_tokens_per_layer": list(recipe.visual_tokens),
+            "decode": "static buffers; decode writes new.{l}.* at slot past_lengths[l]",
+        },
+        "tokenizer": tokenizer,
+        "image": image_config.to_dict(),
+    }
+    manifest["files"] = file_hashes(tmp)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    record_verified(tmp, manifest["files"])  # hashed just now: loads trust them until a file changes
+    return manifest
+
+
+def _judge(comparisons: dict, log, what: str) -> None:
+    """One line per graph set; the first set that disagrees fails the export."""
+    for graphs, comparison in comparisons.items():
+        label = f"{what} ({graphs} graphs)" if what else f" ({graphs} graphs)"
+        log(f"verify{label}: {comparison.summary()}")
+        if not comparison.ok:
+            raise VerificationError(f"exported {graphs} graphs disagree with the PyTorch model{what}"
+                                    f" ({comparison.summary()}); no bundle written (--no-verify skips this check)")
+
+
+def _check_verify_layers(n: int, spec: ModelSpec, recipe, streaming: bool) -> None:
+    if n < 1:
+        raise MllmError(f"--verify-layers must be at least 1, got {n}")
+    if n >= spec.text.num_layers:
+        return  # the whole model: the usual verification
+    if not streaming:
+        raise MllmError("--verify-layers needs a safetensors checkpoint (the truncated copy is read from it)")
+    if recipe.is_mod:
+        raise MllmError("--verify-layers does not truncate MoD recipes (their routers are per layer);"
+                        " verify the whole model or pass --no-verify")
+
+
+def truncated_pair(spec: ModelSpec, recipe, n: int):
+    """The first n decoder layers of (spec, recipe): the same vision tower, embeddings, head and schedule."""
+    from dataclasses import replace
+
+    from mllm_deploy.formats.geometry import geometry_fingerprint
+
+    short = replace(spec, text=replace(spec.text, num_layers=n))
+    short = replace(short, fingerprint=geometry_fingerprint(short))
+    final = recipe.final_visual_tokens
+    if recipe.prune_stage != "layer_input":
+        final = recipe.mlp_visual_tokens()[n - 1]
+    short_recipe = replace(recipe, model=replace(recipe.model, num_layers=n, fingerprint=short.fingerprint),
+                           visual_tokens=list(recipe.visual_tokens[:n]), final_visual_tokens=final, flops=None)
+    return short, short_recipe
+
+
+def _verify_truncated(model: str, model_dir: Path, spec: ModelSpec, recipe, image_config, options: ExportOptions,
+                      log, scratch_parent: Path) -> None:
+    """Export the first --verify-layers decoder layers of the same checkpoint through the same code path into a
+    scratch bundle and verify that against the same-depth PyTorch model: what verification can prove when the
+    whole model does not fit in memory in PyTorch."""
+    import tempfile
+
+    from mllm_deploy.export.verify import verify_bundle
+    from mllm_deploy.models.loading import load_hf_model_truncated
+
+    n = options.verify_layers
+    short, short_recipe = truncated_pair(spec, recipe, n)
+    log(f"verify: on a depth-truncated copy ({n} of {spec.text.num_layers} decoder layers, same checkpoint and"
+        " code path); the other layers are not compared with PyTorch")
+    hf_short = load_hf_model_truncated(model_dir, n, attn_implementation="eager")
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=scratch_parent) as d:
+        scratch = Path(d)
+        _write_bundle(scratch, model, model_dir, short, short_recipe, image_config, options, None, True)
+        _judge(verify_bundle(scratch, hf_short, short, options.dtype, short_recipe), log, f" ({n} layers)")

@@ -44,7 +44,10 @@ def external_initializers(model: onnx.ModelProto) -> list[dict]:
 def graph_entry(model: onnx.ModelProto, file_name: str) -> dict:
     from mllm_deploy.trt.shape_inputs import shape_tensor_inputs
 
-    custom = sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
+    from mllm_deploy.plugins.schemas import DOMAIN
+
+    # mllm_deploy's routing ops (plugins); ONNX Runtime's own com.microsoft ops need no plugin
+    custom = sorted({node.op_type for node in model.graph.node if node.domain == DOMAIN})
     return {
         "file": file_name,
         "custom_ops": custom,

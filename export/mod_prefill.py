@@ -53,7 +53,7 @@ class ModPrefillBuilder(PrefillBuilder):
 
     def build(self) -> None:
         graph = self.graph
-        self.tables = (graph.const(self.rope[0], name="rope.cos"), graph.const(self.rope[1], name="rope.sin"))
+        self._rope_constants()
         with graph.scope("model"):
             tokens = self._embed()  # every token, every layer
             self.length = graph.slice(graph.op("Shape", [tokens.hidden]), graph.ints([1]), graph.ints([2]),
@@ -80,6 +80,10 @@ class ModPrefillBuilder(PrefillBuilder):
                                                                 tokens.positions, capacity, tokens.n_vis)
             kept = self._expose(layer, scores, rows, tokens.n_vis, capacity)
             return self._tokens(hidden, positions, capacity), Selection(scores, rows, kept)
+
+    def _ranks_with(self, layer: int, tokens: Tokens) -> bool:
+        """The attention router reads a layer's q and k when the next layer is routed."""
+        return self.mod.router == "attention" and layer + 1 in self.routed
 
     def _rank_running(self, layer: int, subset: Tokens, q: str, k: str, selection: Selection | None) -> None:
         """The attention router: this layer's attention ranks the visual tokens for the next routed layer."""

@@ -26,14 +26,17 @@ from mllm_deploy.formats.recipe import Recipe
 @dataclass(frozen=True)
 class Tokens:
     """The token set a layer processes: hidden [1, T_l, d], positions [1, T_l] (original ids), its count of
-    visual tokens, and what is derived from the positions: cos/sin [T_l, Dh] and the causal mask [T_l, T_l]."""
+    visual tokens, whether it is the whole prompt in order (positions 0..T-1), and what the portable attention
+    derives from the positions: cos/sin [T_l, Dh] and the causal mask [T_l, T_l] (None until a layer needs them:
+    the onnxruntime target's fused attention does not)."""
 
     hidden: str
     positions: str
     n_vis: int
-    cos: str
-    sin: str
-    mask: str
+    contiguous: bool = False
+    cos: str | None = None
+    sin: str | None = None
+    mask: str | None = None
 
 
 class PrefillBuilder:
@@ -43,10 +46,11 @@ class PrefillBuilder:
         self.graph, self.spec, self.text, self.weights = graph, spec, spec.text, weights
         self.rope, self.float_type, self.recipe = rope, float_type, recipe
         self.pending: str | None = None  # scores prepared by the previous layer (FastV)
+        self.fused = graph.target == "onnxruntime"  # ONNX Runtime's fused attention where no ranking reads q, k
 
     def build(self) -> None:
         graph = self.graph
-        self.tables = (graph.const(self.rope[0], name="rope.cos"), graph.const(self.rope[1], name="rope.sin"))
+        self._rope_constants()
         with graph.scope("model"):
             tokens = self._embed()
             for layer in range(self.text.num_layers):
@@ -73,7 +77,7 @@ class PrefillBuilder:
             hidden = graph.op("Concat", [before, features, after], axis=1)  # image features replace the placeholders
             length = graph.slice(graph.op("Shape", [ids]), graph.ints([1]), graph.ints([2]), axes=[0])
             positions = graph.unsqueeze(text_graphs.arange(graph, graph.squeeze(length, [0])), [0])  # [1, T]
-        return self._tokens(hidden, positions, spec.visual_tokens)
+        return self._tokens(hidden, positions, spec.visual_tokens, contiguous=True)
 
     def _route_at_input(self, layer: int, tokens: Tokens) -> Tokens:
         """FastV, PyramidDrop, VTW: visual rows leave before the layer's attention."""
@@ -92,21 +96,48 @@ class PrefillBuilder:
                 self._expose(layer, scores, rows, tokens.n_vis, keep)
             return self._tokens(hidden, positions, keep)
 
-    def _attention(self, layer: int, tokens: Tokens) -> tuple[str, str, str]:
-        """The layer's input norm and attention; outputs its KV. Returns (q, k, ctx)."""
-        q, k, v, ctx = text_graphs.layer_attention(self.graph, self.spec, self.weights, layer, tokens.hidden,
-                                                   tokens.cos, tokens.sin, tokens.mask, self.float_type)
+    def _attention(self, layer: int, tokens: Tokens) -> tuple[str | None, str | None, str]:
+        """The layer's input norm and attention; outputs its KV. Returns (q, k, ctx); q and k are None where the
+        onnxruntime target's fused attention ran (no ranking of this layer reads them)."""
+        if self.fused and not self._ranks_with(layer, tokens):
+            from mllm_deploy.export import ort_fused
+
+            graph = self.graph
+            hidden = blocks.rms_norm(graph, tokens.hidden, f"text.layers.{layer}.input_norm.weight", self.weights,
+                                     self.text.rms_norm_eps, self.float_type, "input_layernorm")
+            with graph.scope("attn"):
+                ctx, k, v = ort_fused.prefill_attention(graph, self.spec, self.weights, layer, hidden,
+                                                        tokens.positions, tokens.contiguous, self.caches,
+                                                        self.float_type)
+            q = k_out = None
+        else:
+            tokens = self._tables(tokens)
+            q, k, v, ctx = text_graphs.layer_attention(self.graph, self.spec, self.weights, layer, tokens.hidden,
+                                                       tokens.cos, tokens.sin, tokens.mask, self.float_type)
+            k_out = k
         kv_dims = [1, self.text.num_kv_heads, f"kv_len_{layer}", self.text.head_dim]
         self.graph.output(k, present_name(layer, "key"), self.float_type, kv_dims)
         self.graph.output(v, present_name(layer, "value"), self.float_type, kv_dims)
-        return q, k, ctx
+        return q, k_out, ctx
+
+    def _ranks_with(self, layer: int, tokens: Tokens) -> bool:
+        """Whether a ranking reads this layer's q and k: FastV's for the next layer, FitPrune's for this one."""
+        return self._ranks_next(layer, tokens) or self._ranks_after_attention(layer, tokens)
+
+    def _ranks_next(self, layer: int, tokens: Tokens) -> bool:
+        recipe = self.recipe
+        next_keep = recipe.visual_tokens[layer + 1] if layer + 1 < self.text.num_layers else tokens.n_vis
+        return (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
+                and recipe.score.combine != "random" and 0 < next_keep < tokens.n_vis)
+
+    def _ranks_after_attention(self, layer: int, tokens: Tokens) -> bool:
+        keep = self.recipe.mlp_visual_tokens()[layer]
+        return (self.recipe.prune_stage == "after_attention" and 0 < keep < tokens.n_vis
+                and self.recipe.score.combine != "random")
 
     def _rank(self, layer: int, tokens: Tokens, q: str, k: str) -> None:
         """FastV ranks with the previous layer's attention: the scores the next layer's selection uses."""
-        recipe = self.recipe
-        next_keep = recipe.visual_tokens[layer + 1] if layer + 1 < self.text.num_layers else tokens.n_vis
-        if (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
-                and recipe.score.combine != "random" and 0 < next_keep < tokens.n_vis):
+        if self._ranks_next(layer, tokens):
             with self.graph.scope("rank"):
                 self.pending = self._visual_score(q, k, tokens)
 
@@ -143,13 +174,27 @@ class PrefillBuilder:
         graph.output(logits, "logits", TensorProto.FLOAT, [1, self.text.vocab_size])
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def _tokens(self, hidden: str, positions: str, n_vis: int) -> Tokens:
-        """The token set with cos/sin and the causal mask derived from its positions."""
+    def _rope_constants(self) -> None:
+        from mllm_deploy.export import ort_fused
+
+        graph = self.graph
+        self.tables = (graph.const(self.rope[0], name="rope.cos"), graph.const(self.rope[1], name="rope.sin"))
+        self.caches = ort_fused.rope_caches(graph, self.rope) if self.fused else None
+
+    def _tokens(self, hidden: str, positions: str, n_vis: int, contiguous: bool = False) -> Tokens:
+        """The token set; with cos/sin and the causal mask derived from its positions in the portable target."""
+        tokens = Tokens(hidden, positions, n_vis, contiguous)
+        return tokens if self.fused else self._tables(tokens)
+
+    def _tables(self, tokens: Tokens) -> Tokens:
+        """``tokens`` with the cos/sin tables and causal mask of its positions."""
+        if tokens.cos is not None:
+            return tokens
         graph = self.graph
         with graph.scope("positions"):
-            flat = graph.reshape(positions, [-1])
+            flat = graph.reshape(tokens.positions, [-1])
             cos, sin = text_graphs.rope_gather(graph, self.tables, flat)  # [T, Dh], broadcasts over [1, H, T, Dh]
-            return Tokens(hidden, positions, n_vis, cos, sin, text_graphs.causal_mask(graph, flat))
+            return replace(tokens, cos=cos, sin=sin, mask=text_graphs.causal_mask(graph, flat))
 
     def _visual_score(self, q: str, k: str, tokens: Tokens) -> str:
         return self.routing.visual_score(self.graph, self.recipe.score, q, k, tokens.positions, self.vis_start,
@@ -173,6 +218,7 @@ class PrefillBuilder:
         all tokens and the query of the last token are projected for it."""
         graph, text = self.graph, self.text
         head_dim = text.head_dim
+        tokens = self._tables(tokens)
         if self.recipe.score.query_rows != "last_text":
             raise ValueError("ranking with the pruning layer's own attention supports query_rows=last_text only")
         qkv_name = f"text.layers.{layer}.attn.qkv.weight"

@@ -21,7 +21,7 @@ from onnx import TensorProto
 from mllm_deploy.export import blocks
 from mllm_deploy.export.graph import GraphBuilder
 from mllm_deploy.formats.geometry import ModelSpec
-from mllm_deploy.formats.manifest import new_name, past_name
+from mllm_deploy.formats.manifest import new_name, past_name, present_name
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -102,9 +102,9 @@ def layer_finish(graph: GraphBuilder, spec: ModelSpec, weights: dict, layer: int
     """o_proj with the residual, then the MLP block (its output times ``mlp_scale`` [1, T, 1] when given:
     mixture-of-depths routers that weight their selected tokens)."""
     with graph.scope("attn"):
-        x = graph.op("Add", [x, blocks.linear(graph, ctx, weights, f"text.layers.{layer}.attn.o", "o_proj")])
-    hidden = blocks.rms_norm(graph, x, f"text.layers.{layer}.post_norm.weight", weights, spec.text.rms_norm_eps,
-                             float_type, "post_attention_layernorm")
+        attn_out = blocks.linear(graph, ctx, weights, f"text.layers.{layer}.attn.o", "o_proj")
+    hidden, x = blocks.residual_rms_norm(graph, x, attn_out, f"text.layers.{layer}.post_norm.weight", weights,
+                                         spec.text.rms_norm_eps, float_type, "post_attention_layernorm")
     mlp = _mlp(graph, spec, weights, layer, hidden, float_type)
     if mlp_scale is not None:
         mlp = graph.op("Mul", [mlp, mlp_scale], name="mlp_scale")
@@ -173,6 +173,8 @@ def build_decode_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, rope
                           [1, text.num_kv_heads, f"past_len_{layer}", text.head_dim]) for part in ("key", "value"))
         for layer in range(text.num_layers)
     ]
+    if graph.target == "onnxruntime":
+        return _build_fused_decode(graph, spec, weights, rope, float_type, ids, positions, past_lengths, past)
     tables = (graph.const(rope[0], name="rope.cos"), graph.const(rope[1], name="rope.sin"))
     with graph.scope("model"):
         embed = graph.const(weights["text.embed_tokens"], name="text.embed_tokens")
@@ -187,3 +189,42 @@ def build_decode_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, rope
             for part, tensor in (("key", k), ("value", v)):
                 graph.output(tensor, new_name(layer, part), float_type, [1, text.num_kv_heads, 1, text.head_dim])
         graph.output(lm_head(graph, spec, weights, x, float_type), "logits", TensorProto.FLOAT, [1, text.vocab_size])
+
+
+def _build_fused_decode(graph: GraphBuilder, spec: ModelSpec, weights: dict, rope, float_type: int, ids: str,
+                        positions: str, past_lengths: str, past: list[tuple[str, str]]) -> None:
+    """The onnxruntime target's decode: GroupQueryAttention writes the new entry into each layer's buffer in place,
+    so the outputs are ``present.{l}.*``, the past buffers themselves (the runtime binds them as both). Each
+    residual add is fused with the norm after it, across layers too."""
+    from mllm_deploy.export import ort_fused
+
+    text, eps = spec.text, spec.text.rms_norm_eps
+    caches = ort_fused.rope_caches(graph, rope)
+    with graph.scope("model"):
+        embed = graph.const(weights["text.embed_tokens"], name="text.embed_tokens")
+        x = graph.op("Gather", [embed, ids], axis=0, name="embed")
+        lengths = ort_fused.decode_lengths(graph, past_lengths, text.num_layers)
+        delta = None  # the MLP output not yet added to the residual stream
+        for layer in range(text.num_layers):
+            with graph.scope(f"layers.{layer}"):
+                norm = f"text.layers.{layer}.input_norm.weight"
+                if delta is None:
+                    hidden = blocks.rms_norm(graph, x, norm, weights, eps, float_type, "input_layernorm")
+                else:
+                    hidden, x = blocks.residual_rms_norm(graph, x, delta, norm, weights, eps, float_type,
+                                                         "input_layernorm")
+                with graph.scope("attn"):
+                    ctx, key, value = ort_fused.decode_attention(graph, spec, weights, layer, hidden, positions,
+                                                                 *past[layer], lengths[layer], caches, float_type)
+                    attn_out = blocks.linear(graph, ctx, weights, f"text.layers.{layer}.attn.o", "o_proj")
+                hidden, x = blocks.residual_rms_norm(graph, x, attn_out, f"text.layers.{layer}.post_norm.weight",
+                                                     weights, eps, float_type, "post_attention_layernorm")
+                delta = _mlp(graph, spec, weights, layer, hidden, float_type)
+            for part, tensor in (("key", key), ("value", value)):
+                graph.output(tensor, present_name(layer, part), float_type,
+                             [1, text.num_kv_heads, f"past_len_{layer}", text.head_dim])
+        final, _ = blocks.residual_rms_norm(graph, x, delta, "text.norm.weight", weights, eps, float_type, "norm")
+        logits = graph.op("MatMul", [final, graph.const(weights["lm_head.weight"], name="lm_head.weight")],
+                          name="lm_head")
+        logits = blocks.to_f32(graph, graph.reshape(logits, [1, text.vocab_size]), float_type)
+        graph.output(logits, "logits", TensorProto.FLOAT, [1, text.vocab_size])

@@ -91,9 +91,12 @@ def onnx_outputs(generator, input_ids: np.ndarray, pixels: np.ndarray, reference
     return out
 
 
-def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -> Comparison:
-    """Dense bundles are checked against transformers' own forward, pruned ones against the
-    PyTorch reference of their recipe (which equals transformers for a dense recipe)."""
+def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -> dict[str, Comparison]:
+    """Each graph set of the bundle (portable, and onnxruntime when exported) against one reference: dense
+    bundles against transformers' own forward, pruned ones against the PyTorch reference of their recipe
+    (which equals transformers for a dense recipe). Returns {graph set: comparison}."""
+    from mllm_deploy.core.compare import Tolerance
+    from mllm_deploy.formats.manifest import ORT_GRAPHS
     from mllm_deploy.runtime.bundle import load_bundle
     from mllm_deploy.runtime.generator import Generator
 
@@ -102,9 +105,12 @@ def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -
         reference = torch_reference(model, input_ids, pixels, DECODE_STEPS)
     else:
         reference = recipe_reference(model, recipe, input_ids, pixels, DECODE_STEPS)
-    with Generator(load_bundle(bundle_dir)) as generator:
-        candidate = onnx_outputs(generator, input_ids, pixels, reference, DECODE_STEPS)
-    from mllm_deploy.core.compare import Tolerance
-
+    bundle = load_bundle(bundle_dir)
+    sets = ["portable"] + (["onnxruntime"] if all(g in bundle.manifest["graphs"] for g in ORT_GRAPHS.values()) else [])
     exact = {name: Tolerance(atol=0.0) for name in reference if name.startswith("kv_len.")}
-    return compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)
+    results = {}
+    for graphs in sets:
+        with Generator(bundle, graphs=graphs) as generator:
+            candidate = onnx_outputs(generator, input_ids, pixels, reference, DECODE_STEPS)
+        results[graphs] = compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)
+    return results

@@ -17,7 +17,10 @@ from typing import Any
 from mllm_deploy.core.errors import BundleError, MllmError
 
 BUNDLE_SCHEMA = "mllm-deploy/bundle@1"
-GRAPHS = ("vision", "prefill", "decode")
+GRAPHS = ("vision", "prefill", "decode")  # the portable graphs: standard ONNX ops, what TensorRT builds
+# The onnxruntime-target variants of prefill and decode (ONNX Runtime's fused ops, export/ort_fused.py), on the same
+# weights file; a bundle may lack them. The ONNX Runtime backend prefers them, TensorRT never reads them.
+ORT_GRAPHS = {"prefill": "prefill_ort", "decode": "decode_ort"}
 DTYPES = ("float32", "float16")  # the bundle's float type
 IO_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 KV_PARTS = ("key", "value")
@@ -57,15 +60,31 @@ def route_names(layer: int) -> tuple[str, str]:
 
 
 def graph_io(num_layers: int) -> dict[str, tuple[set[str], set[str]]]:
-    """Per graph: the exact inputs the runtime feeds and the outputs it reads (a graph may output more)."""
+    """Per graph: the exact inputs the runtime feeds and the outputs it reads (a graph may output more). The
+    onnxruntime decode writes each new entry into its past buffer in place: its ``present.{l}.*`` outputs are
+    those buffers (bound as input and output), where the portable decode returns ``new.{l}.*`` for the runtime
+    to write."""
     def kv(name) -> set[str]:
         return {name(layer, part) for layer in range(num_layers) for part in KV_PARTS}
 
+    decode_inputs = {"input_ids", "position_ids", "past_lengths"} | kv(past_name)
     return {
         "vision": ({"pixel_values"}, {"image_features"}),
         "prefill": ({"input_ids", "image_features", "image_start"}, {"logits"} | kv(present_name)),
-        "decode": ({"input_ids", "position_ids", "past_lengths"} | kv(past_name), {"logits"} | kv(new_name)),
+        "decode": (decode_inputs, {"logits"} | kv(new_name)),
+        "prefill_ort": ({"input_ids", "image_features", "image_start"}, {"logits"} | kv(present_name)),
+        "decode_ort": (decode_inputs, {"logits"} | kv(present_name)),
     }
+
+
+def kv_in_place(outputs: list[dict]) -> bool:
+    """Whether a decode graph updates its past buffers in place (outputs ``present.*``, not ``new.*``)."""
+    return any((parse_kv_name(entry["name"]) or ("",))[0] == "present" for entry in outputs)
+
+
+def bundle_graphs(manifest: dict) -> list[str]:
+    """The graphs a bundle holds: the portable three and the onnxruntime variants it has."""
+    return list(GRAPHS) + [g for g in ORT_GRAPHS.values() if g in manifest.get("graphs", {})]
 
 
 # ---- manifest structure ---------------------------------------------------------------------------
@@ -168,7 +187,7 @@ def _check_graphs(manifest: dict) -> None:
     graphs = _object(manifest, "graphs")
     text = manifest["model"]["text"]
     expected = graph_io(text["num_layers"])
-    for graph in GRAPHS:
+    for graph in bundle_graphs(manifest):
         entry = graphs.get(graph)
         if not isinstance(entry, dict):
             raise BundleError(f"manifest.json lists no '{graph}' graph; re-export the bundle")
@@ -221,7 +240,7 @@ def _check_files(manifest: dict) -> None:
         _relative_file(rel, "files entry")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise BundleError(f"manifest.json files[{rel!r}] is not a sha256 hex digest")
-    needed = [manifest["graphs"][g]["file"] for g in GRAPHS]
+    needed = [manifest["graphs"][g]["file"] for g in bundle_graphs(manifest)]
     needed += [manifest["tokenizer"]["file"], manifest["tokenizer"]["chat_template"]]
     if isinstance(manifest.get("weights"), str):
         needed.append(_relative_file(manifest["weights"], "weights"))

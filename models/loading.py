@@ -54,3 +54,25 @@ def load_hf_model(model_dir: str | Path, dtype=None, attn_implementation: str | 
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+def load_hf_model_truncated(model_dir: str | Path, num_layers: int, attn_implementation: str | None = None):
+    """The same checkpoint with only its first ``num_layers`` decoder layers (the rest are never read): what
+    export-mllm --verify-layers compares a truncated bundle with."""
+    import torch
+
+    transformers = require_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config.text_config.num_hidden_layers = num_layers
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the unread layers would be listed one warning line each
+        try:
+            model = transformers.LlavaForConditionalGeneration.from_pretrained(
+                model_dir, config=config, dtype=torch.float32, local_files_only=True, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None
+    return model.eval()

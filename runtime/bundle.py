@@ -14,7 +14,7 @@ from typing import Any
 from mllm_deploy.core.errors import BundleError
 from mllm_deploy.core.hashing import sha256_file
 from mllm_deploy.core.jsonio import read_json
-from mllm_deploy.formats.manifest import GRAPHS, check_manifest
+from mllm_deploy.formats.manifest import bundle_graphs, check_manifest
 
 
 
@@ -66,7 +66,7 @@ class Bundle:
 
     def weights_bytes(self) -> int:
         """Bytes of every file the graphs load (graphs and external weights), for memory estimates."""
-        files = [self.manifest["graphs"][graph]["file"] for graph in GRAPHS]
+        files = [self.manifest["graphs"][graph]["file"] for graph in bundle_graphs(self.manifest)]
         weights = self.manifest.get("weights")
         files += [weights] if isinstance(weights, str) and (self.path / weights).is_file() else []
         return sum((self.path / f).stat().st_size for f in files)

@@ -121,9 +121,12 @@ class Generator:
         feed = cache.decode_feed()
         feed["input_ids"] = np.array([[token]], dtype=np.int64)
         feed["position_ids"] = np.array([[position]], dtype=np.int64)
-        out = self.runners["decode"].infer(feed)
-        for layer in range(self.bundle.num_layers):
-            cache.append(layer, out[new_name(layer, "key")], out[new_name(layer, "value")])
+        runner = self.runners["decode"]
+        cache.check_room()  # before the run: an in-place graph would write past the buffer's end
+        out = runner.infer(feed)
+        if not runner.kv_in_place:  # else the graph wrote the new entries into the cache's buffers itself
+            for layer in range(self.bundle.num_layers):
+                cache.append(layer, out[new_name(layer, "key")], out[new_name(layer, "value")])
         cache.advance()
         return out["logits"][0]
 

@@ -33,6 +33,12 @@ class StaticKVCache:
         self.values[layer][:, :, :n] = value
         self.lengths[layer] = n
 
+    def check_room(self) -> None:
+        """Every layer has a free slot for one more entry."""
+        for layer, (length, capacity) in enumerate(zip(self.lengths, self.capacities)):
+            if length >= capacity:
+                raise ValueError(f"layer {layer}: KV cache full ({capacity} entries)")
+
     def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
         """Write one decode step's entry ([1, Hkv, 1, Dh]) at the layer's next free slot."""
         slot = int(self.lengths[layer])

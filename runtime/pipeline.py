@@ -37,7 +37,9 @@ class Pipeline:
         self.bundle = bundle
         self.prompt = PromptBuilder.from_bundle(bundle)
         self.image_config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
-        self._backend, self._backend_options = backend, backend_options
+        self._backend, self._backend_options = backend, dict(backend_options)
+        if backend == "onnxruntime":  # "auto": the faster "fast" when its estimate fits, else "shared"
+            self._backend_options.setdefault("weights", "auto")
         self._generator: Generator | None = None
 
     @classmethod
@@ -45,8 +47,29 @@ class Pipeline:
         return cls(load_bundle(path), backend, **backend_options)
 
     @property
+    def weights_mode(self) -> str | None:
+        """How the ONNX Runtime sessions hold the weights (runtime/backends/ort.py); None for other backends."""
+        return self._backend_options.get("weights")
+
+    def _choose_weights(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None,
+                        available: int | None) -> None:
+        """Resolve weights="auto": "fast" (the decode session pre-packs: one more copy of the text weights) when
+        that estimate fits the budget and the memory available, else "shared" (one copy)."""
+        from mllm_deploy.core.memory import available_memory
+
+        if self.weights_mode != "auto":
+            return
+        self._backend_options["weights"] = "fast"
+        total = self.memory_estimate(prompt_tokens, max_new_tokens).total
+        available = available_memory() if available is None else available
+        if (max_memory is not None and total > max_memory) or (available is not None and total > available):
+            self._backend_options["weights"] = "shared"
+
+    @property
     def generator(self) -> Generator:
         if self._generator is None:
+            if self.weights_mode == "auto":  # no request was checked: size it for a prompt with the image
+                self._choose_weights(self.bundle.visual_tokens + 64, 64, None, None)
             generator = Generator(self.bundle, self._backend, **self._backend_options)
             try:
                 generator.__enter__()
@@ -82,8 +105,9 @@ class Pipeline:
         kv_tokens = [n + max_new_tokens for n in self.bundle.kv_lengths(prompt_tokens)]
         providers = self._backend_options.get("providers") or []
         cpu = self._backend == "onnxruntime" and "CUDAExecutionProvider" not in providers
+        packed = 1 if self.weights_mode in ("fast", "packed") else 0  # "auto" is estimated as "shared"
         return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes(),
-                                float16_on_cpu=cpu)
+                                float16_on_cpu=cpu, packed_copies=packed)
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None = None,
                       available: int | None = None) -> None:
@@ -95,6 +119,7 @@ class Pipeline:
             raise MllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         check_context(prompt_tokens, max_new_tokens, self.bundle.max_positions)
         what = f"running {self.bundle.path.name} ({prompt_tokens} prompt + {max_new_tokens} new tokens)"
+        self._choose_weights(prompt_tokens, max_new_tokens, max_memory, available)
         check_memory(self.memory_estimate(prompt_tokens, max_new_tokens), what, max_memory, available)
 
     def input_ids(self, prompt: str | None = None, raw_prompt: str | None = None):

@@ -142,7 +142,7 @@ def test_decode_through_io_binding_binds_the_kv_buffers_once(tiny_bundles):
 
     bundle = load_bundle(tiny_bundles["gqa56"])
     ids, pixels = synthetic_inputs(bundle, bundle.visual_tokens + 12)
-    with Generator(bundle, "onnxruntime") as generator:
+    with Generator(bundle, "onnxruntime", graphs="portable") as generator:  # (the in-place decode: test_ort_target)
         decode = generator.runners["decode"]
         assert decode.io_binding
         bound = generator.generate(ids, pixels, 8, ignore_eos=True)
@@ -155,3 +155,25 @@ def test_decode_through_io_binding_binds_the_kv_buffers_once(tiny_bundles):
         plain = generator.generate(ids, pixels, 8, ignore_eos=True)
     assert bound.tokens == plain.tokens
     np.testing.assert_array_equal(bound.first_logits, plain.first_logits)
+
+
+def test_auto_weights_take_the_fast_mode_only_when_its_estimate_fits(tiny_bundles):
+    """weights="auto": the decode session pre-packs ("fast", one more copy of the text weights) when the estimate
+    with that copy fits --max-memory and the memory available; otherwise the one shared copy."""
+    from mllm_deploy.core.memory import text_parameters
+    from mllm_deploy.formats.geometry import spec_from_manifest
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    bundle = load_bundle(tiny_bundles["gqa56"])
+    shared = Pipeline(bundle, weights="shared").memory_estimate(100, 20).total
+    fast = Pipeline(bundle, weights="fast").memory_estimate(100, 20).total
+    assert fast - shared == text_parameters(spec_from_manifest(bundle.manifest["model"]).text) * 4
+    roomy, tight = Pipeline(bundle), Pipeline(bundle)
+    roomy.check_request(100, 20, max_memory=fast + 1, available=10 * fast)
+    tight.check_request(100, 20, max_memory=fast - 1, available=10 * fast)
+    assert (roomy.weights_mode, tight.weights_mode) == ("fast", "shared")
+    with tight:
+        assert not tight.generator.runners["decode"].pack
+    with roomy:
+        runners = roomy.generator.runners
+        assert runners["decode"].pack and not runners["prefill"].pack and runners["prefill"].share_weights

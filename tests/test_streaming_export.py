@@ -84,3 +84,50 @@ def test_export_peak_memory_grows_with_the_largest_layer_not_the_model(tmp_path)
     weights_mb = {n: (tmp_path / f"b{n}" / "weights.bin").stat().st_size / 2**20 for n in peaks}
     assert weights_mb[8] - weights_mb[2] > 5 * layer_mb  # six more layers were written
     assert peaks[8] - peaks[2] < layer_mb, (peaks, layer_mb)  # but held one tensor at a time
+
+
+@pytest.mark.parametrize("method,layers", [("dense", 2), ("fastv", 3), ("pdrop", 2)])
+def test_verification_on_a_depth_truncated_copy(tiny_model_dirs, recipes, tmp_path, method, layers):
+    """--verify-layers N: the whole bundle is written, and its first N layers, exported the same way from the same
+    checkpoint, are compared with the same-depth PyTorch model; the output says so."""
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    messages = []
+    recipe = None if method == "dense" else str(recipes["gqa56", method])
+    out = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "b",
+                        ExportOptions(recipe=recipe, verify_layers=layers), log=messages.append)
+    assert any(f"depth-truncated copy ({layers} of 4 decoder layers" in m for m in messages), messages
+    verdict = [m for m in messages if m.startswith(f"verify ({layers} layers) (")]
+    assert len(verdict) == 2, messages  # the portable and the onnxruntime graphs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["text"]["num_layers"] == 4 and len(manifest["recipe"]["visual_tokens"]) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # the scratch bundle is gone
+
+
+def test_truncated_verification_refuses_a_disagreeing_export(tiny_model_dirs, tmp_path, monkeypatch):
+    """The comparison is real: a PyTorch reference whose first layer differs fails it, and no bundle is left."""
+    import torch
+
+    from mllm_deploy.core.errors import VerificationError
+    from mllm_deploy.models import loading
+
+    real = loading.load_hf_model_truncated
+
+    def perturbed(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.5)
+        return model
+
+    monkeypatch.setattr(loading, "load_hf_model_truncated", perturbed)
+    with pytest.raises(VerificationError, match=r"\(2 layers\)"):
+        _export(tiny_model_dirs["gqa56"], tmp_path / "b", verify_layers=2)
+    assert not (tmp_path / "b").exists()
+
+
+def test_verify_layers_bad_values(tiny_model_dirs, recipes, tmp_path):
+    from mllm_deploy.core.errors import MllmError
+
+    with pytest.raises(MllmError, match="--verify-layers must be at least 1"):
+        _export(tiny_model_dirs["gqa56"], tmp_path / "b", verify_layers=0)
+    assert not (tmp_path / "b").exists()

@@ -62,8 +62,11 @@ def profiled_routing_share(bundle, feed: dict[str, np.ndarray]) -> float:
     """Extra prefills in a profiling session (profiling slows every node, so it is kept out of the timings)."""
     from mllm_deploy.runtime.backends import runner_class
 
-    entry = bundle.manifest["graphs"]["prefill"]
-    runner = runner_class("onnxruntime")(bundle.graph_path("prefill").resolve(), bundle.graph_io("prefill"), "prefill",
+    from mllm_deploy.formats.manifest import ORT_GRAPHS
+
+    graph = ORT_GRAPHS["prefill"] if ORT_GRAPHS["prefill"] in bundle.manifest["graphs"] else "prefill"  # what ran
+    entry = bundle.manifest["graphs"][graph]
+    runner = runner_class("onnxruntime")(bundle.graph_path(graph).resolve(), bundle.graph_io(graph), "prefill",
                                          profile=True, custom_ops=entry.get("custom_ops", []))
     here = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="mllm-bench-profile-") as scratch:
@@ -97,7 +100,7 @@ def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_token
             warmup: int, tick: Callable[[], None] = lambda: None) -> dict:
     """The runtime's timed loop (runtime/timing.py) on ``backend``, plus ONNX Runtime's routing share."""
     from mllm_deploy.runtime.bundle import load_bundle
-    from mllm_deploy.runtime.generator import Generator
+    from mllm_deploy.runtime.pipeline import Pipeline
     from mllm_deploy.runtime.timing import bench_result, peak_rss_mb, synthetic_inputs, time_generation
 
     bundle = load_bundle(Path(bundle_path).resolve(), check_hashes=False)  # the parent checked them
@@ -105,8 +108,10 @@ def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_token
     ids, pixels = synthetic_inputs(bundle, prompt_tokens)
     if prompt_tokens + new_tokens > bundle.max_positions:
         raise MllmError(f"--prompt-tokens {prompt_tokens} plus --new-tokens {new_tokens} exceeds the model's context")
-    with Generator(bundle, backend) as generator:
+    with Pipeline(bundle, backend) as pipe:  # the runtime's own choices (graph set, how weights are held)
+        generator = pipe.generator
         result = bench_result(generator, time_generation(generator, ids, pixels, new_tokens, repeats, warmup, tick))
+        result["weights_mode"] = pipe.weights_mode
         if backend == "onnxruntime":  # the only backend with a profiler that names the routing nodes
             result["routing_share"] = profiled_routing_share(bundle, prefill_feed(generator, ids, pixels))
     if backend == "tensorrt":

@@ -80,8 +80,8 @@ def precision_plan(bundle_dtype: str, trt_major: int, fp16: bool) -> Precision:
 
 def plugin_graphs(manifest: Mapping[str, Any]) -> dict[str, list[str]]:
     """graph -> the routing op types it holds (only graphs that hold some)."""
-    return {graph: list(entry.get("custom_ops") or []) for graph, entry in manifest["graphs"].items()
-            if entry.get("custom_ops")}
+    return {graph: list(manifest["graphs"][graph].get("custom_ops") or []) for graph in GRAPHS
+            if manifest["graphs"][graph].get("custom_ops")}
 
 
 def check_plugins(manifest: Mapping[str, Any], plugins: Path | None) -> Path | None:

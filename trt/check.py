@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from mllm_deploy.formats.manifest import GRAPHS
 from mllm_deploy.core.errors import BundleError, MllmError
 
 SUPPORT_DIR = Path(__file__).with_name("support")
@@ -298,7 +299,8 @@ def _bundle_graphs(bundle_dir: Path) -> dict[str, Path]:
         raise BundleError(f"bundle directory not found: {bundle_dir}")
     try:
         manifest = json.loads(manifest_path.read_text())
-        graphs = {name: bundle_dir / entry["file"] for name, entry in manifest["graphs"].items()}
+        # the portable graphs: the onnxruntime-target variants (ONNX Runtime's fused ops) are never built
+        graphs = {name: bundle_dir / manifest["graphs"][name]["file"] for name in GRAPHS}
     except FileNotFoundError:
         raise BundleError(f"{bundle_dir} has no manifest.json; is it a bundle written by export-mllm?") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

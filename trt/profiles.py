@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from mllm_deploy.formats.manifest import GRAPHS  # the portable graphs: what TensorRT builds
 from mllm_deploy.core.errors import BundleError, MllmError
 
 PROFILE_DIM = re.compile(r"^(prefill_len|past_len_(\d+))$")
@@ -123,7 +124,7 @@ def graph_profile(manifest: Mapping[str, Any], graph: str,
 
 def all_profiles(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, dict]:
     """graph -> its single profile (possibly empty: all shapes static)."""
-    return {graph: graph_profile(manifest, graph, settings) for graph in manifest["graphs"]}
+    return {graph: graph_profile(manifest, graph, settings) for graph in GRAPHS}
 
 
 Values = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -152,7 +153,7 @@ def shape_inputs_of(manifest: Mapping[str, Any], graph: str) -> list[str]:
 
 def unsized_shape_inputs(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(graph, input) of every shape-tensor input build-mllm can give no value range."""
-    return [(graph, name) for graph in manifest["graphs"] for name in shape_inputs_of(manifest, graph)
+    return [(graph, name) for graph in GRAPHS for name in shape_inputs_of(manifest, graph)
             if name not in SHAPE_INPUT_VALUES]
 
 
@@ -169,4 +170,4 @@ def graph_shape_values(manifest: Mapping[str, Any], graph: str, settings: Profil
 
 
 def all_shape_values(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[str, dict[str, Values]]:
-    return {graph: graph_shape_values(manifest, graph, settings) for graph in manifest["graphs"]}
+    return {graph: graph_shape_values(manifest, graph, settings) for graph in GRAPHS}

@@ -23,6 +23,9 @@ class Runner(ABC):
     # runtime's overhead (bench-mllm's decode_overhead_share). Not so for eager PyTorch, whose Python dispatch
     # runs inside infer(): the split would say nothing there.
     infer_time_is_backend_time = True
+    # True when the decode graph writes each new KV entry into its past buffer itself (the onnxruntime target's
+    # decode): the caller then only advances the cache lengths
+    kv_in_place = False
 
     def __init__(self, graph_path: Path, io: dict[str, list[dict]], name: str):
         self.graph_path = Path(graph_path)

@@ -1,12 +1,19 @@
 """ONNX Runtime backend (CPU by default; CUDA when the provider is installed and asked for).
 
-Weights: the prefill and decode graphs use the same LLM weights from one ``weights.bin``. Left to
-itself, each ONNX Runtime session would pre-pack every MatMul weight into its own buffer, so a bundle
-would hold its LLM weights twice (13.5 GB more at 7B fp16). By default the runner maps the weights
-file once per process (``np.memmap``, read-only, shared by every runner of the bundle), hands each
-session those arrays as initializers (``SessionOptions.add_initializer``: no copy) and turns
-pre-packing off, so the weights are resident once and only the pages a graph touches are read.
-``share_weights=False`` restores ONNX Runtime's own loading (pre-packed, one copy per session).
+Weights: the prefill and decode graphs use the same LLM weights from one ``weights.bin``. The runner maps the
+weights file once per process (``np.memmap``, read-only, shared by every runner of the bundle) and hands each
+session those arrays as initializers (``SessionOptions.add_initializer``: no copy). What ONNX Runtime then does
+with them is the ``weights`` option:
+
+- ``"shared"``: pre-packing off in every session, so the weights are resident once and only the pages a graph
+  touches are read. The least memory.
+- ``"fast"``: the decode session pre-packs its MatMul weights (one more copy of the text weights, resident), the
+  others read the mapping. On this project's 2-core CPU the decode step is about a quarter faster that way
+  (MLAS re-packs an unpacked weight on every call; BENCHMARKS.md), while prefill, whose products are 600 rows
+  tall, gains nothing measurable.
+- ``"packed"``: every session pre-packs (ONNX Runtime's own loading: a copy per session).
+
+``runtime.pipeline.Pipeline`` chooses between "fast" and "shared" by the memory estimate when asked for "auto".
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.core.errors import BundleError, DependencyError
-from mllm_deploy.formats.manifest import parse_kv_name
+from mllm_deploy.formats.manifest import GRAPHS, ORT_GRAPHS, kv_in_place, parse_kv_name, present_name
 from mllm_deploy.runtime.backends.base import NP_DTYPES, Runner
 
 
@@ -55,13 +62,40 @@ def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str,
     return views
 
 
+GRAPH_SETS = ("auto", "onnxruntime", "portable")
+WEIGHT_MODES = ("shared", "fast", "packed")
+
+
 class OrtRunner(Runner):
+    @classmethod
+    def for_bundle(cls, bundle, graphs: str = "auto", **options) -> dict[str, "OrtRunner"]:
+        """The bundle's onnxruntime-target prefill and decode (ONNX Runtime's fused ops) when it has them and
+        ``graphs`` is "auto" or "onnxruntime"; its portable graphs (the ones TensorRT builds) otherwise."""
+        if graphs not in GRAPH_SETS:
+            raise BundleError(f"graphs must be one of {', '.join(GRAPH_SETS)}, got {graphs!r}")
+        available = all(key in bundle.manifest["graphs"] for key in ORT_GRAPHS.values())
+        cpu = list(options.get("providers") or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+        if graphs == "onnxruntime" and not available:
+            raise BundleError(f"{bundle.path} has no onnxruntime-target graphs; export it again (export-mllm writes"
+                              " them unless --no-ort-graphs)")
+        use = available and graphs != "portable" and cpu
+        keys = {role: ORT_GRAPHS[role] if use and role in ORT_GRAPHS else role for role in GRAPHS}
+        return {role: cls(bundle.graph_path(key), bundle.graph_io(key), role,
+                          custom_ops=bundle.manifest["graphs"][key].get("custom_ops", []), **options)
+                for role, key in keys.items()}
+
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
-                 profile: bool = False, custom_ops: list[str] | None = None, share_weights: bool = True):
+                 profile: bool = False, custom_ops: list[str] | None = None, weights: str = "shared",
+                 share_weights: bool | None = None):
         super().__init__(graph_path, io, name)
-        # weights shared through one mapping (CPU only: other providers copy initializers to their device anyway)
-        self.share_weights = share_weights and bool(io.get("external_initializers")) and \
+        if share_weights is not None:  # the older spelling: False was ONNX Runtime's own loading
+            weights = "shared" if share_weights else "packed"
+        if weights not in WEIGHT_MODES:
+            raise BundleError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+        # weights through the one mapping (CPU only: other providers copy initializers to their device anyway)
+        self.share_weights = weights != "packed" and bool(io.get("external_initializers")) and \
             list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+        self.pack = weights == "packed" or (weights == "fast" and name == "decode")  # ONNX Runtime pre-packs
         self._shared_values: list = []
         self.custom_ops = list(custom_ops or [])
         self.providers = providers or ["CPUExecutionProvider"]
@@ -71,12 +105,21 @@ class OrtRunner(Runner):
         self._output_names = [entry["name"] for entry in io["outputs"]]
         # decode runs through IO binding: the KV buffers are bound once (their OrtValues wrap the runtime's own
         # arrays, which it updates in place) and the outputs go to buffers allocated once
+        self.kv_in_place = name == "decode" and kv_in_place(io["outputs"])
         self.io_binding = name == "decode" and not self.custom_ops and self.providers == ["CPUExecutionProvider"] \
-            and all(isinstance(d, int) for entry in io["outputs"] for d in entry["shape"])
+            and all(isinstance(d, int) for entry in self._fresh_outputs() for d in entry["shape"])
+        if self.kv_in_place and not self.io_binding:
+            raise BundleError(f"{graph_path.name} updates its KV buffers in place, which needs IO binding on the CPU"
+                              " provider; use the bundle's portable graphs (graphs='portable')")
         self._binding = None
         self._bound: dict[str, tuple[np.ndarray, object]] = {}  # input name -> (array, its OrtValue)
         self._output_buffers: dict[str, np.ndarray] = {}
         self.kv_values_created = 0  # OrtValues made for past.* inputs (tests: once per buffer, not per step)
+
+    def _fresh_outputs(self) -> list[dict]:
+        """The outputs bound to buffers of their own (in-place KV outputs are bound to their past buffers)."""
+        return [entry for entry in self.io["outputs"]
+                if not (self.kv_in_place and (parse_kv_name(entry["name"]) or ("",))[0] == "present")]
 
     def activate_impl(self) -> None:
         try:
@@ -92,7 +135,8 @@ class OrtRunner(Runner):
         options.enable_profiling = self.profile
         options.log_severity_level = 3
         if self.share_weights:
-            options.add_session_config_entry("session.disable_prepacking", "1")  # packed copies would be per session
+            if not self.pack:
+                options.add_session_config_entry("session.disable_prepacking", "1")  # packed copies are per session
             for name, array in shared_initializers(self.graph_path.parent, self.io["external_initializers"]):
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 self._shared_values.append(value)  # the session reads this memory: keep it alive with the runner
@@ -155,7 +199,7 @@ class OrtRunner(Runner):
 
         if self._binding is None:
             self._binding = self.session.io_binding()
-            for entry in self.io["outputs"]:
+            for entry in self._fresh_outputs():
                 buffer = np.empty(entry["shape"], NP_DTYPES[entry["dtype"]])
                 self._output_buffers[entry["name"]] = buffer
                 self._binding.bind_ortvalue_output(entry["name"], ort.OrtValue.ortvalue_from_numpy(buffer))
@@ -167,7 +211,10 @@ class OrtRunner(Runner):
             value = ort.OrtValue.ortvalue_from_numpy(array)
             self._bound[name] = (array, value)
             self._binding.bind_ortvalue_input(name, value)
-            self.kv_values_created += int(parse_kv_name(name) is not None)
+            kv = parse_kv_name(name)
+            self.kv_values_created += int(kv is not None)
+            if kv is not None and self.kv_in_place:  # the graph writes the new entry into this very buffer
+                self._binding.bind_ortvalue_output(present_name(kv[1], kv[2]), value)
         self.session.run_with_iobinding(self._binding)
         # KV outputs are copied into the cache by the caller; logits are kept by callers across steps: a copy
         return {name: buffer.copy() if parse_kv_name(name) is None else buffer

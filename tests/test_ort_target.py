@@ -1,0 +1,141 @@
+"""The onnxruntime-target graphs (export/ort_fused.py, issue 19): ONNX Runtime's fused ops on the same weights file
+as the portable graphs, the same tokens (test_pruned_export and test_mod run every recipe on both graph sets), a
+decode that writes its KV entries into the runtime's buffers in place, and a graph ONNX Runtime runs as few
+kernels."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import make_image
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_bundles):
+    return tiny_bundles["gqa56"]
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_bundle_holds_both_targets_on_one_weights_file(dense):
+    manifest = json.loads((dense / "manifest.json").read_text())
+    graphs = manifest["graphs"]
+    assert {g: graphs[g]["target"] for g in graphs} == {
+        "vision": "portable", "prefill": "portable", "decode": "portable",
+        "prefill_ort": "onnxruntime", "decode_ort": "onnxruntime"}
+    layers = manifest["model"]["text"]["num_layers"]
+    for name in ("prefill_ort", "decode_ort"):
+        ops = _ops(dense / graphs[name]["file"])
+        assert ops["GroupQueryAttention"] == layers
+        assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 2 * layers + 1
+        assert ops["Transpose"] == 0 and ops["Neg"] == 0 and ops["Softmax"] == 0
+        assert graphs[name]["custom_ops"] == []  # ONNX Runtime's own ops need no plugin
+    for name in ("prefill", "decode"):  # the portable graphs stay standard ONNX
+        model = onnx.load(str(dense / graphs[name]["file"]), load_external_data=False)
+        assert {node.domain for node in model.graph.node} <= {""}
+    files = {entry["file"] for g in graphs.values() for entry in g["external_initializers"]}
+    assert files == {"weights.bin"}
+    portable = {e["name"]: e["offset"] for e in graphs["prefill"]["external_initializers"]}
+    fused = {e["name"]: e["offset"] for e in graphs["prefill_ort"]["external_initializers"]}
+    shared = set(portable) & set(fused)
+    assert "text.layers.0.attn.qkv.weight" in shared and all(portable[n] == fused[n] for n in shared)
+
+
+def _generate(bundle, graphs: str, tmp_path):
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    with Pipeline.load(bundle, graphs=graphs) as pipe:
+        ids = pipe.input_ids(prompt="Describe the picture in detail.")
+        pixels = pipe.pixel_values(make_image(tmp_path / "q.png", size=(77, 91), seed=3))
+        generator = pipe.generator
+        logits, cache = generator.prefill(ids, generator.encode_image(pixels), capacity_extra=NEW_TOKENS)
+        tokens = []
+        for step in range(NEW_TOKENS):
+            tokens.append(int(np.argmax(logits)))
+            logits = generator.decode(tokens[-1], ids.shape[1] + step, cache)
+        return tokens, cache, generator.runners["decode"]
+
+
+def test_in_place_decode_fills_the_same_cache_and_binds_each_buffer_once(dense, tmp_path):
+    """The fused decode writes each new entry into the runtime's own buffer (no new.* outputs copied back), binds
+    every KV buffer once per generation, and leaves the cache holding what the portable decode writes."""
+    fused_tokens, fused_cache, runner = _generate(dense, "onnxruntime", tmp_path)
+    portable_tokens, portable_cache, portable_runner = _generate(dense, "portable", tmp_path)
+    assert runner.kv_in_place and not portable_runner.kv_in_place
+    assert fused_tokens == portable_tokens
+    assert runner.kv_values_created == 2 * len(fused_cache.keys)  # once per buffer, not once per step
+    assert list(fused_cache.lengths) == list(portable_cache.lengths)
+    for ours, theirs, n in zip(fused_cache.keys + fused_cache.values, portable_cache.keys + portable_cache.values,
+                               list(fused_cache.lengths) * 2):
+        assert np.allclose(ours[:, :, :n], theirs[:, :, :n], atol=1e-4)
+        assert not ours[:, :, n:].any()  # nothing written past the valid entries
+
+
+def test_full_cache_is_refused_before_the_in_place_write(dense, tmp_path):
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    with Pipeline.load(dense, graphs="onnxruntime") as pipe:
+        ids = pipe.input_ids(prompt="Hi.")
+        generator = pipe.generator
+        pixels = pipe.pixel_values(make_image(tmp_path / "q.png", seed=1))
+        logits, cache = generator.prefill(ids, generator.encode_image(pixels), capacity_extra=1)
+        generator.decode(int(np.argmax(logits)), ids.shape[1], cache)
+        before = [k.copy() for k in cache.keys]
+        with pytest.raises(ValueError, match="KV cache full"):
+            generator.decode(1, ids.shape[1] + 1, cache)
+        assert all(np.array_equal(a, b) for a, b in zip(before, cache.keys))
+
+
+def test_onnxruntime_runs_the_fused_decode_as_few_kernels(dense):
+    """The optimised decode graph: about ten kernels a layer (the portable one had 64 before this target)."""
+    import onnxruntime as ort
+
+    manifest = json.loads((dense / "manifest.json").read_text())
+    layers = manifest["model"]["text"]["num_layers"]
+    counts = {}
+    for name in ("decode", "decode_ort"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        out = dense.parent / f"{name}.optimized.onnx"
+        options.optimized_model_filepath = str(out)
+        ort.InferenceSession(str(dense / manifest["graphs"][name]["file"]), options,
+                             providers=["CPUExecutionProvider"])
+        counts[name] = len(onnx.load(str(out), load_external_data=False).graph.node)
+        out.unlink()
+    assert counts["decode_ort"] <= 12 * layers + 12, counts
+    assert counts["decode_ort"] * 3 < counts["decode"], counts
+
+
+def test_portable_only_bundle(tiny_model_dirs, tmp_path, capsys):
+    from mllm_deploy.core.errors import BundleError
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    bundle = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "b", ExportOptions(ort_graphs=False),
+                           log=lambda m: None)
+    assert set(json.loads((bundle / "manifest.json").read_text())["graphs"]) == {"vision", "prefill", "decode"}
+    assert not list(bundle.glob("*.ort.onnx"))
+    with pytest.raises(BundleError, match="has no onnxruntime-target graphs"):
+        with Pipeline.load(bundle, graphs="onnxruntime") as pipe:
+            pipe.generator
+    with Pipeline.load(bundle) as pipe:  # auto: the portable graphs
+        assert not pipe.generator.runners["decode"].kv_in_place
+
+
+def test_model_the_fused_ops_cannot_express_gets_portable_graphs_and_says_so(tiny_model_dirs, tmp_path):
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    messages = []
+    bundle = export_bundle(str(tiny_model_dirs["gqa70"]), tmp_path / "b", ExportOptions(verify=False),
+                           log=messages.append)
+    assert "prefill_ort" not in json.loads((bundle / "manifest.json").read_text())["graphs"]
+    assert any("no onnxruntime-target graphs (head_dim 12 is not a multiple of 8" in m for m in messages), messages
