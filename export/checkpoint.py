@@ -163,7 +163,8 @@ class StreamingWeights(Mapping[str, LazyWeight]):
             plain(f"{dst}.post_norm.weight", f"{src}post_attention_layernorm.weight")
             linear(f"{dst}.attn.qkv", [f"{src}self_attn.{p}_proj" for p in "qkv"])
             linear(f"{dst}.attn.o", [f"{src}self_attn.o_proj"])
-            linear(f"{dst}.mlp.gate_up", [f"{src}mlp.gate_proj", f"{src}mlp.up_proj"])
+            linear(f"{dst}.mlp.gate", [f"{src}mlp.gate_proj"])  # two products: no Split of a fused one
+            linear(f"{dst}.mlp.up", [f"{src}mlp.up_proj"])
             linear(f"{dst}.mlp.down", [f"{src}mlp.down_proj"])
         plain("text.norm.weight", text + "norm.weight")
         head = next((root + "weight" for root in _HEAD_ROOTS if root + "weight" in checkpoint), None)

@@ -53,8 +53,9 @@ def _merge_heads(graph: GraphBuilder, spec: ModelSpec, ctx5: str) -> str:
 def _mlp(graph: GraphBuilder, spec: ModelSpec, weights: dict, layer: int, hidden: str, float_type: int) -> str:
     text = spec.text
     with graph.scope("mlp"):
-        gate_up = blocks.linear(graph, hidden, weights, f"text.layers.{layer}.mlp.gate_up", "gate_up_proj")
-        gate, up = graph.split(gate_up, [text.intermediate_size, text.intermediate_size], axis=-1)
+        # gate and up as two products: a fused one would need a Split, a copy of its whole output, after it
+        gate = blocks.linear(graph, hidden, weights, f"text.layers.{layer}.mlp.gate", "gate_proj")
+        up = blocks.linear(graph, hidden, weights, f"text.layers.{layer}.mlp.up", "up_proj")
         act = graph.op("Mul", [blocks.activation(graph, gate, text.hidden_act, float_type), up])
         return blocks.linear(graph, act, weights, f"text.layers.{layer}.mlp.down", "down_proj")
 

@@ -61,7 +61,8 @@ def collect_weights(model, dtype: np.dtype, num_vision_layers: int) -> dict[str,
         att = layer.self_attn
         _linear(f"{p}.attn.qkv", [att.q_proj, att.k_proj, att.v_proj], dtype, w)
         _linear(f"{p}.attn.o", [att.o_proj], dtype, w)
-        _linear(f"{p}.mlp.gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj], dtype, w)
+        _linear(f"{p}.mlp.gate", [layer.mlp.gate_proj], dtype, w)
+        _linear(f"{p}.mlp.up", [layer.mlp.up_proj], dtype, w)
         _linear(f"{p}.mlp.down", [layer.mlp.down_proj], dtype, w)
     w["text.norm.weight"] = _np(text.norm.weight, dtype)
     w["lm_head.weight"] = _np(lm_head.weight, dtype).T.copy()

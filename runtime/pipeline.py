@@ -38,7 +38,7 @@ class Pipeline:
         self.prompt = PromptBuilder.from_bundle(bundle)
         self.image_config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
         self._backend, self._backend_options = backend, dict(backend_options)
-        if backend == "onnxruntime":  # "auto": the faster "fast" when its estimate fits, else "shared"
+        if backend == "onnxruntime":  # "auto": the faster "packed" when its estimate fits, else "shared"
             self._backend_options.setdefault("weights", "auto")
         self._generator: Generator | None = None
 
@@ -53,13 +53,14 @@ class Pipeline:
 
     def _choose_weights(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None,
                         available: int | None) -> None:
-        """Resolve weights="auto": "fast" (the decode session pre-packs: one more copy of the text weights) when
-        that estimate fits the budget and the memory available, else "shared" (one copy)."""
+        """Resolve weights="auto": "packed" (ONNX Runtime pre-packs every session's weights: the fastest, and
+        measured at one more resident copy of the text weights) when that estimate fits the budget and the
+        memory available, else "shared" (one copy)."""
         from mllm_deploy.core.memory import available_memory
 
         if self.weights_mode != "auto":
             return
-        self._backend_options["weights"] = "fast"
+        self._backend_options["weights"] = "packed"
         total = self.memory_estimate(prompt_tokens, max_new_tokens).total
         available = available_memory() if available is None else available
         if (max_memory is not None and total > max_memory) or (available is not None and total > available):
