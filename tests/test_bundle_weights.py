@@ -157,8 +157,8 @@ def test_decode_through_io_binding_binds_the_kv_buffers_once(tiny_bundles):
     np.testing.assert_array_equal(bound.first_logits, plain.first_logits)
 
 
-def test_auto_weights_take_the_fast_mode_only_when_its_estimate_fits(tiny_bundles):
-    """weights="auto": the decode session pre-packs ("fast", one more copy of the text weights) when the estimate
+def test_auto_weights_pre_pack_only_when_the_estimate_fits(tiny_bundles):
+    """weights="auto": ONNX Runtime pre-packs ("packed", one more copy of the text weights) when the estimate
     with that copy fits --max-memory and the memory available; otherwise the one shared copy."""
     from mllm_deploy.core.memory import text_parameters
     from mllm_deploy.formats.geometry import spec_from_manifest
@@ -166,14 +166,39 @@ def test_auto_weights_take_the_fast_mode_only_when_its_estimate_fits(tiny_bundle
 
     bundle = load_bundle(tiny_bundles["gqa56"])
     shared = Pipeline(bundle, weights="shared").memory_estimate(100, 20).total
-    fast = Pipeline(bundle, weights="fast").memory_estimate(100, 20).total
-    assert fast - shared == text_parameters(spec_from_manifest(bundle.manifest["model"]).text) * 4
+    for mode in ("packed", "fast"):
+        packed = Pipeline(bundle, weights=mode).memory_estimate(100, 20).total
+        assert packed - shared == text_parameters(spec_from_manifest(bundle.manifest["model"]).text) * 4
     roomy, tight = Pipeline(bundle), Pipeline(bundle)
-    roomy.check_request(100, 20, max_memory=fast + 1, available=10 * fast)
-    tight.check_request(100, 20, max_memory=fast - 1, available=10 * fast)
-    assert (roomy.weights_mode, tight.weights_mode) == ("fast", "shared")
+    roomy.check_request(100, 20, max_memory=packed + 1, available=10 * packed)
+    tight.check_request(100, 20, max_memory=packed - 1, available=10 * packed)
+    assert (roomy.weights_mode, tight.weights_mode) == ("packed", "shared")
     with tight:
-        assert not tight.generator.runners["decode"].pack
+        assert not any(r.pack for r in tight.generator.runners.values())
     with roomy:
-        runners = roomy.generator.runners
+        assert all(r.pack and not r.share_weights for r in roomy.generator.runners.values())
+    with Pipeline(bundle, weights="fast") as fast:
+        runners = fast.generator.runners
         assert runners["decode"].pack and not runners["prefill"].pack and runners["prefill"].share_weights
+
+
+def test_bundle_and_result_files_have_normal_modes(tiny_model_dirs, tmp_path):
+    """A bundle is copied to its target and shared: files 0666 and directories 0777 less the umask, as mkdir and
+    open give, not the 0600/0700 of temporary files (issue 24)."""
+    import os
+    import stat
+
+    from mllm_deploy.core.fsutil import atomic_write_text
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    old = os.umask(0o022)
+    try:
+        bundle = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "b", ExportOptions(verify=False,
+                                                                                           ort_graphs=False),
+                               log=lambda m: None)
+        atomic_write_text(tmp_path / "result.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o644
+    assert {stat.S_IMODE(p.stat().st_mode) for p in bundle.iterdir() if p.is_file()} == {0o644}

@@ -16,7 +16,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -197,9 +196,6 @@ def markdown_table(payload: dict) -> str:
 
 def write_json(payload: dict, path: str | Path) -> None:
     """Written to a temporary file and renamed, so an interrupted run leaves no half file."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, out)
+    from mllm_deploy.core.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2))
