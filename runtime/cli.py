@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default) or tensorrt (runs the engines build-mllm wrote into the bundle)")
+    add_ort_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="refuse to load when the estimated memory (weights + KV cache + activations) exceeds SIZE,"
@@ -32,6 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash every bundle file against the manifest, even those verified before (by default a file "
                         "whose size and modification time are unchanged since its last check is not hashed again)")
     return p
+
+
+def add_ort_arguments(p: argparse.ArgumentParser) -> None:
+    """The ONNX Runtime backend's choices (run-mllm, bench-mllm, eval-mllm)."""
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"),
+                   help="ONNX Runtime execution provider (cuda needs the [gpu] extra: onnxruntime-gpu; default cpu)")
+    p.add_argument("--device-id", type=int, default=0, help="the CUDA device for --provider cuda (default 0)")
+    p.add_argument("--graphs", default="auto", choices=("auto", "onnxruntime", "portable"),
+                   help="the bundle's graphs to run on ONNX Runtime: its fused onnxruntime-target ones (auto: when it"
+                        " has them, on the CPU) or the portable ones TensorRT builds")
+    p.add_argument("--weights", default="auto", choices=("auto", "shared", "fast", "packed"),
+                   help="how the sessions hold the weights: one shared mapping, pre-packed by the decode session"
+                        " (fast) or by every session (packed: fastest, one more copy); auto: packed when the"
+                        " memory estimate allows it, else shared")
+
+
+def ort_options(args: argparse.Namespace) -> dict:
+    """Backend options from add_ort_arguments' flags, for the onnxruntime backend only."""
+    if getattr(args, "backend", "onnxruntime") != "onnxruntime":
+        return {}
+    return {"provider": args.provider, "device_id": args.device_id, "graphs": args.graphs, "weights": args.weights}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         from mllm_deploy.runtime.bundle import load_bundle
 
         load_bundle(args.bundle, verify_all=True)  # hashes everything and refreshes the record the load below trusts
-    with Pipeline.load(args.bundle, backend=args.backend) as pipe:
+    with Pipeline.load(args.bundle, backend=args.backend, **ort_options(args)) as pipe:
         # read the image and the prompt, and check the request, before any output and before the
         # sessions load: a bad image, a too-long prompt or a too-large model print nothing but the error
         pixels_source = pipe.pixel_values(args.image)
@@ -76,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         t = answer.generation.timings
         sys.stdout.write("\n")
-        per_token = sum(t.decode_ms) / len(t.decode_ms) if t.decode_ms else 0.0
+        # the first token comes from prefill: a one-token answer has no decode step to report
+        decode = (f"decode {sum(t.decode_ms) / len(t.decode_ms):.2f} ms/token" if t.decode_ms
+                  else "no decode step")
         print(f"[{len(answer.generation.tokens)} tokens; vision {t.vision_ms:.1f} ms, prefill {t.prefill_ms:.1f} ms,"
-              f" decode {per_token:.2f} ms/token, total {t.total_ms:.1f} ms]", file=sys.stderr)
+              f" {decode}, total {t.total_ms:.1f} ms]", file=sys.stderr)
     return 0
 
 

@@ -104,8 +104,9 @@ class Pipeline:
         spec = spec_from_manifest(self.bundle.manifest["model"])
         dtype_bytes = 2 if self.bundle.dtype == "float16" else 4
         kv_tokens = [n + max_new_tokens for n in self.bundle.kv_lengths(prompt_tokens)]
-        providers = self._backend_options.get("providers") or []
-        cpu = self._backend == "onnxruntime" and "CUDAExecutionProvider" not in providers
+        providers = [p[0] if isinstance(p, tuple) else p for p in self._backend_options.get("providers") or []]
+        cpu = self._backend == "onnxruntime" and "CUDAExecutionProvider" not in providers and \
+            self._backend_options.get("provider", "cpu") == "cpu"
         packed = 1 if self.weights_mode in ("fast", "packed") else 0  # "auto" is estimated as "shared"
         return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes(),
                                 float16_on_cpu=cpu, packed_copies=packed)

@@ -19,5 +19,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     quiet "${PIP[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-quiet "${PIP[@]}" install -e ".[export,dev]"
+# ONNX Runtime: onnxruntime-gpu where a GPU is (its CUDA provider), onnxruntime otherwise; never both (one module)
+ORT_EXTRA=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ORT_EXTRA=gpu; fi
+quiet "${PIP[@]}" install -e ".[export,dev,${ORT_EXTRA}]"
 .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__ else 1)"

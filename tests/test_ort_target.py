@@ -139,3 +139,63 @@ def test_model_the_fused_ops_cannot_express_gets_portable_graphs_and_says_so(tin
                            log=messages.append)
     assert "prefill_ort" not in json.loads((bundle / "manifest.json").read_text())["graphs"]
     assert any("no onnxruntime-target graphs (head_dim 12 is not a multiple of 8" in m for m in messages), messages
+
+
+def test_cuda_provider_without_onnxruntime_gpu_is_one_line(dense, tmp_path):
+    """--provider cuda where this onnxruntime has no CUDA provider: one line naming it and the [gpu] extra, exit 1,
+    rather than ONNX Runtime's silent fall-back to the CPU."""
+    import onnxruntime as ort
+
+    from conftest import run_cli
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    image = make_image(tmp_path / "q.png", seed=2)
+    result = run_cli("run-mllm", str(dense), "--image", str(image), "--prompt", "Hi.", "--provider", "cuda")
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDAExecutionProvider" in lines[0] and "mllm-deploy[gpu]" in lines[0], lines
+
+
+def test_runtime_flags_reach_the_sessions(dense, tmp_path):
+    """run-mllm and bench-mllm take --graphs and --weights: the portable graphs and one shared mapping give the
+    same answer, and bench-mllm records the mode it ran."""
+    from conftest import run_cli
+
+    image = make_image(tmp_path / "q.png", seed=2)
+    answers = {}
+    for flags in ((), ("--graphs", "portable", "--weights", "shared")):
+        result = run_cli("run-mllm", str(dense), "--image", str(image), "--prompt", "Hi.", "--json",
+                         "--max-new-tokens", "6", *flags)
+        assert result.returncode == 0, result.stderr
+        answers[flags] = json.loads(result.stdout)["tokens"]
+    assert len(set(map(tuple, answers.values()))) == 1
+    out = tmp_path / "bench.json"
+    result = run_cli("bench-mllm", str(dense), "--weights", "fast", "--repeats", "1", "--new-tokens", "3",
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["results"][0]["weights_mode"] == "fast"
+
+
+def test_onnxruntime_comes_from_one_extra_and_its_absence_is_one_line(dense, tmp_path):
+    """onnxruntime and onnxruntime-gpu install one module: neither is a base dependency, each has its extra; a
+    runtime without either says which to install."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    base = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "onnxruntime" not in base
+    assert re.search(r'^cpu = \["onnxruntime>=[0-9.]+"\]$', pyproject, re.M)
+    assert re.search(r'^gpu = \["onnxruntime-gpu>=[0-9.]+"\]$', pyproject, re.M)
+    image = make_image(tmp_path / "q.png", seed=2)
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"  # as if neither wheel were installed
+            "from mllm_deploy.runtime.cli import main\n"
+            f"sys.exit(main([{str(dense)!r}, '--image', {str(image)!r}, '--prompt', 'Hi.']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and result.stdout == "" and len(lines) == 1, result.stderr
+    assert "mllm-deploy[cpu]" in lines[0] and "[gpu]" in lines[0]

@@ -66,7 +66,7 @@ def test_readme_target_commands_name_the_extras_and_nvcc_a_stock_jetpack_needs()
     import tomllib
 
     target = _jetson_blocks()[1]
-    assert 'pip install -e ".[jetpack6]"' in target and "--system-site-packages" in target
+    assert 'pip install -e ".[jetpack6,cpu]"' in target and "--system-site-packages" in target
     assert "-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc" in target and "-DCMAKE_CUDA_ARCHITECTURES=87" in target
     assert "build-mllm" in target and "--verify" in target and "--backend tensorrt" in target
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]

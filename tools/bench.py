@@ -33,6 +33,7 @@ class BenchSettings:
     new_tokens: int = 32  # tokens generated; the first comes from prefill, the rest from decode steps
     repeats: int = 5
     warmup: int = 1
+    ort: tuple[tuple[str, str], ...] = ()  # the onnxruntime backend's flags (run-mllm's add_ort_arguments)
 
     def validate(self) -> None:
         for backend in self.backends:
@@ -93,6 +94,8 @@ def run_worker(bundle: str, backend: str, settings: BenchSettings, tick: Callabl
                "--warmup", str(settings.warmup)]
     if settings.prompt_tokens is not None:
         command += ["--prompt-tokens", str(settings.prompt_tokens)]
+    if backend == "onnxruntime":
+        command += [arg for flag, value in settings.ort for arg in (flag, value)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         other: list[str] = []
         for line in proc.stderr:  # the result (one short line) waits in the stdout pipe meanwhile

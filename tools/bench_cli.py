@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime (default), tensorrt (the engines build-mllm wrote into each bundle) or torch"
                         " (the PyTorch reference of the recipe: needs torch, transformers and the source model);"
                         " repeat to measure several")
+    from mllm_deploy.runtime.cli import add_ort_arguments
+
+    add_ort_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length in tokens, image included (default: visual tokens + 40)")
     p.add_argument("--new-tokens", type=int, default=32,
@@ -31,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.tools.bench import BenchSettings, markdown_table, run_bench, write_json
 
     backends = tuple(dict.fromkeys(args.backends or ["onnxruntime"]))  # repeated flags once each, in order
+    ort = (("--provider", args.provider), ("--device-id", str(args.device_id)), ("--graphs", args.graphs),
+           ("--weights", args.weights))
     settings = BenchSettings(backends=backends, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                             repeats=args.repeats, warmup=args.warmup)
+                             repeats=args.repeats, warmup=args.warmup, ort=ort)
     payload = run_bench(args.bundles, settings)
     print(markdown_table(payload))
     if args.json_out:

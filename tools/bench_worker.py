@@ -97,7 +97,7 @@ def _gpu_name() -> str:
 
 # ---- the worker entry point ---------------------------------------------------------------------------
 def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_tokens: int, repeats: int,
-            warmup: int, tick: Callable[[], None] = lambda: None) -> dict:
+            warmup: int, tick: Callable[[], None] = lambda: None, options: dict | None = None) -> dict:
     """The runtime's timed loop (runtime/timing.py) on ``backend``, plus ONNX Runtime's routing share."""
     from mllm_deploy.runtime.bundle import load_bundle
     from mllm_deploy.runtime.pipeline import Pipeline
@@ -108,7 +108,7 @@ def measure(bundle_path: str, backend: str, prompt_tokens: int | None, new_token
     ids, pixels = synthetic_inputs(bundle, prompt_tokens)
     if prompt_tokens + new_tokens > bundle.max_positions:
         raise MllmError(f"--prompt-tokens {prompt_tokens} plus --new-tokens {new_tokens} exceeds the model's context")
-    with Pipeline(bundle, backend) as pipe:  # the runtime's own choices (graph set, how weights are held)
+    with Pipeline(bundle, backend, **(options or {})) as pipe:  # the runtime's choices unless flags say otherwise
         generator = pipe.generator
         result = bench_result(generator, time_generation(generator, ids, pixels, new_tokens, repeats, warmup, tick))
         result["weights_mode"] = pipe.weights_mode
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    from mllm_deploy.runtime.cli import add_ort_arguments
+
+    add_ort_arguments(p)
     return p
 
 
@@ -135,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
     def tick() -> None:
         print(PROGRESS_MARK, file=sys.stderr, flush=True)
 
-    result = measure(args.bundle, args.backend, args.prompt_tokens, args.new_tokens, args.repeats, args.warmup, tick)
+    from mllm_deploy.runtime.cli import ort_options
+
+    result = measure(args.bundle, args.backend, args.prompt_tokens, args.new_tokens, args.repeats, args.warmup, tick,
+                     ort_options(args))
     print(json.dumps(result), flush=True)
     return 0
 

@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True,
                    help="shapes-vqa[:split][:N] (default test:500) or a JSONL of {image, question, answer}")
     p.add_argument("--max-new-tokens", type=int, default=4)
+    from mllm_deploy.runtime.cli import add_ort_arguments
+
+    add_ort_arguments(p)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default) or tensorrt (the engines build-mllm wrote into each bundle)")
     p.add_argument("--json", dest="json_out", help="write results (with every answer) to this file")
@@ -32,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     for bundle in args.bundles:  # every bundle is checked before any work
         load_bundle(bundle)
     items = load_eval_data(args.dataset)
-    results = evaluate(args.bundles, items, args.max_new_tokens, backend=args.backend)
+    from mllm_deploy.runtime.cli import ort_options
+
+    results = evaluate(args.bundles, items, args.max_new_tokens, backend=args.backend, options=ort_options(args))
     print(f"{args.dataset}: {len(items)} questions; reference {Path(results[0].reference).name}")
     print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction | prefill ms |")
     print("|---|---|---|---|---|---|---|")

@@ -147,7 +147,7 @@ def _run(pipe, items, max_new_tokens: int, label: str):
 
 
 def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
-             backend: str = "onnxruntime") -> list[BundleResult]:
+             backend: str = "onnxruntime", options: dict | None = None) -> list[BundleResult]:
     from mllm_deploy.runtime.bundle import load_bundle
     from mllm_deploy.runtime.pipeline import Pipeline
 
@@ -157,7 +157,7 @@ def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
     order = [ref_index] + [i for i in range(len(loaded)) if i != ref_index]
     runs = {}
     for i in order:
-        with Pipeline(loaded[i], backend) as pipe:
+        with Pipeline(loaded[i], backend, **(options or {})) as pipe:
             runs[i] = _run(pipe, items, max_new_tokens, f"eval {Path(bundles[i]).name}")
     ref_answers, ref_logprobs = runs[ref_index][0], runs[ref_index][1]
     results = []

@@ -65,6 +65,20 @@ def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str,
 
 GRAPH_SETS = ("auto", "onnxruntime", "portable")
 WEIGHT_MODES = ("shared", "fast", "packed")
+PROVIDERS = ("cpu", "cuda")
+
+
+def provider_list(provider: str, device_id: int = 0) -> list:
+    """ONNX Runtime's providers for --provider cpu|cuda (CUDA falls back to the CPU for ops it lacks)."""
+    if provider not in PROVIDERS:
+        raise BundleError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": int(device_id)}), "CPUExecutionProvider"]
+
+
+def _provider_names(providers) -> list[str]:
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
 
 
 class OrtRunner(Runner):
@@ -75,7 +89,8 @@ class OrtRunner(Runner):
         if graphs not in GRAPH_SETS:
             raise BundleError(f"graphs must be one of {', '.join(GRAPH_SETS)}, got {graphs!r}")
         available = all(key in bundle.manifest["graphs"] for key in ORT_GRAPHS.values())
-        cpu = list(options.get("providers") or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+        cpu = options.get("provider", "cpu") == "cpu" and \
+            _provider_names(options.get("providers") or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
         if graphs == "onnxruntime" and not available:
             raise BundleError(f"{bundle.path} has no onnxruntime-target graphs; export it again (export-mllm writes"
                               " them unless --no-ort-graphs)")
@@ -87,19 +102,20 @@ class OrtRunner(Runner):
 
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
                  profile: bool = False, custom_ops: list[str] | None = None, weights: str = "shared",
-                 share_weights: bool | None = None):
+                 share_weights: bool | None = None, provider: str = "cpu", device_id: int = 0):
         super().__init__(graph_path, io, name)
+        providers = providers or provider_list(provider, device_id)
+        on_cpu = _provider_names(providers) == ["CPUExecutionProvider"]
         if share_weights is not None:  # the older spelling: False was ONNX Runtime's own loading
             weights = "shared" if share_weights else "packed"
         if weights not in WEIGHT_MODES:
             raise BundleError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         # weights through the one mapping (CPU only: other providers copy initializers to their device anyway)
-        self.share_weights = weights != "packed" and bool(io.get("external_initializers")) and \
-            list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+        self.share_weights = weights != "packed" and bool(io.get("external_initializers")) and on_cpu
         self.pack = weights == "packed" or (weights == "fast" and name == "decode")  # ONNX Runtime pre-packs
         self._shared_values: list = []
         self.custom_ops = list(custom_ops or [])
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.providers = providers
         self.threads = threads
         self.profile = profile
         self.session = None
@@ -107,7 +123,7 @@ class OrtRunner(Runner):
         # decode runs through IO binding: the KV buffers are bound once (their OrtValues wrap the runtime's own
         # arrays, which it updates in place) and the outputs go to buffers allocated once
         self.kv_in_place = name == "decode" and kv_in_place(io["outputs"])
-        self.io_binding = name == "decode" and not self.custom_ops and self.providers == ["CPUExecutionProvider"] \
+        self.io_binding = name == "decode" and not self.custom_ops and on_cpu \
             and all(isinstance(d, int) for entry in self._fresh_outputs() for d in entry["shape"])
         if self.kv_in_place and not self.io_binding:
             raise BundleError(f"{graph_path.name} updates its KV buffers in place, which needs IO binding on the CPU"
@@ -125,8 +141,15 @@ class OrtRunner(Runner):
     def activate_impl(self) -> None:
         try:
             import onnxruntime as ort
-        except ImportError:  # pragma: no cover - a core dependency
-            raise DependencyError("onnxruntime is not installed; pip install onnxruntime") from None
+        except ImportError:
+            raise DependencyError("onnxruntime is not installed; pip install 'mllm-deploy[cpu]' (or [gpu] for"
+                                  " onnxruntime-gpu)") from None
+        wanted = [p for p in _provider_names(self.providers) if p != "CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in ort.get_available_providers()]
+        if missing:
+            raise DependencyError(f"this onnxruntime has no {missing[0]} (it has"
+                                  f" {', '.join(ort.get_available_providers())}); on a machine with CUDA install"
+                                  " 'mllm-deploy[gpu]' (onnxruntime-gpu) in place of onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
