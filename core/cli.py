@@ -40,6 +40,13 @@ def main(
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
+    except ImportError as exc:
+        # an optional dependency this tool needs is not installed (a runtime-only install running export-mllm):
+        # name the extra that brings it
+        if args.debug:
+            raise
+        print(f"{prog}: error: {missing_dependency_message(exc)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # the reader went away (`| head`): not an error; keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -65,3 +72,19 @@ def os_error_message(exc: OSError) -> str:
         name = f"{name[:60]}...{name[-40:]}"
     text = f"{exc.strerror}: {name}" if exc.strerror and name else (exc.strerror or str(exc) or type(exc).__name__)
     return " ".join(text.split())
+
+
+# top-level module -> the extra of pyproject.toml that installs it
+EXTRAS = {
+    "torch": "export", "transformers": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
+    "tqdm": "export", "onnxruntime": "cpu] or [gpu", "onnxruntime_extensions": "ort-plugins", "matplotlib": "report",
+    "tensorrt": "trt-cu12] or [trt-cu13", "cuda": "jetpack6] or [jetpack7", "huggingface_hub": "export",
+}
+
+
+def missing_dependency_message(exc: ImportError) -> str:
+    name = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(name)
+    if extra is None:
+        return f"cannot import {exc.name or exc}: {' '.join(str(exc).split())}"
+    return f"this needs {name}, which is not installed: pip install 'mllm-deploy[{extra}]'"

@@ -13,7 +13,8 @@ from typing import Any
 from mllm_deploy.core.errors import DependencyError, MllmError
 
 TRT_INSTALL_HINT = ("TensorRT is not installed: this needs the tensorrt Python package (Jetson: it comes with "
-                    "JetPack as python3-libnvinfer; x86: pip install tensorrt-cu12 or tensorrt-cu13) and a CUDA GPU")
+                    "JetPack as python3-libnvinfer; x86: pip install 'mllm-deploy[trt-cu12]' or "
+                    "'mllm-deploy[trt-cu13]') and a CUDA GPU")
 CUDA_INSTALL_HINT = ("cuda-python is not installed: pip install 'mllm-deploy[jetpack6]' (JetPack 6, CUDA 12) or "
                      "'mllm-deploy[jetpack7]' (JetPack 7, CUDA 13)")
 
