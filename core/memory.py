@@ -26,6 +26,22 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 
+class Size(int):
+    """A number of bytes that remembers how the user wrote it (``1MB``), so messages echo that, not ``976.56 KiB``."""
+
+    text: str = ""
+
+    def __new__(cls, value: int, text: str = "") -> "Size":
+        size = super().__new__(cls, value)
+        size.text = text
+        return size
+
+
+def describe_budget(size: int) -> str:
+    """A --max-memory budget as the user wrote it (``1MB``), else in binary units."""
+    return getattr(size, "text", "") or format_size(size)
+
+
 def parse_size(text: str, flag: str = "--max-memory") -> int:
     """Bytes in ``4GiB``, ``512MB``, ``2G`` (binary, as docker and free read it), ``1.5GiB`` or ``1000000``."""
     match = _SIZE.fullmatch(text) if isinstance(text, str) and text.isascii() else None
@@ -35,7 +51,7 @@ def parse_size(text: str, flag: str = "--max-memory") -> int:
     value = float(match.group(1)) * _UNITS[unit]
     if not math.isfinite(value) or value < 1:
         raise MllmError(f"{flag} {text!r} must be at least one byte")
-    return int(value)
+    return Size(int(value), text)
 
 
 def format_size(n: float) -> str:
@@ -79,7 +95,7 @@ def check_memory(estimate: MemoryEstimate, what: str, max_memory: int | None,
     """Refuse ``what`` when its estimate exceeds the ``--max-memory`` budget or the available memory."""
     if max_memory is not None and estimate.total > max_memory:
         raise MemoryLimitError(f"{what} needs an estimated {estimate.describe()}, more than --max-memory"
-                               f" {format_size(max_memory)}")
+                               f" {describe_budget(max_memory)}")
     if available is not None and estimate.total > available:
         raise MemoryLimitError(f"{what} needs an estimated {estimate.describe()}, more than the"
                                f" {format_size(available)} of memory available (MemAvailable); free memory or use"

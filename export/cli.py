@@ -12,12 +12,15 @@ def build_parser() -> argparse.ArgumentParser:
     from mllm_deploy.models.registry import add_model_arguments
 
     p = argparse.ArgumentParser(prog="export-mllm", description=__doc__)
-    add_model_arguments(p, "local Hugging Face LLaVA directory or a built-in name (tiny-llava)")
+    add_model_arguments(p, "local Hugging Face LLaVA directory or a built-in name (tiny-llava, small-llava,"
+                           " shapes-llava)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
     p.add_argument("--recipe", help="recipe.json from calib-mllm to bake into the prefill graph (default: dense)")
     p.add_argument("--routing", default="native", choices=["native", "plugin"],
                    help="routing as standard ONNX ops (native) or mllm_deploy custom ops backed by plugins")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="the bundle's float type (default float32; float16 is for GPUs: ONNX Runtime's CPU provider"
+                        " keeps float32 copies of float16 weights)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-21; default 17)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check of the ONNX graphs against the PyTorch model")

@@ -210,6 +210,12 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
                     f"{len(findings)} node(s) would be rejected by TensorRT {options.check_trt}'s ONNX parser, first:"
                     f" {findings[0].line()}; no bundle written"
                 )
+    from mllm_deploy.core.memory import format_size
+
+    size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    checked = ("not verified (--no-verify)" if not options.verify else
+               f"verified on {options.verify_layers} layers" if truncated else "verified")
+    log(f"export: wrote {output} ({format_size(size)}, {checked})")
     return output
 
 

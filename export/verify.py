@@ -54,6 +54,14 @@ def recipe_reference(model, recipe, input_ids: np.ndarray, pixels: np.ndarray, s
 
 def torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: int) -> dict[str, np.ndarray]:
     """Image features, prefill logits and greedy decode logits from the Hugging Face model."""
+    import warnings
+
+    with warnings.catch_warnings():  # transformers' deprecation notice for past_key_values, once per export
+        warnings.simplefilter("ignore", FutureWarning)
+        return _torch_reference(model, input_ids, pixels, steps)
+
+
+def _torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: int) -> dict[str, np.ndarray]:
     import torch
 
     out: dict[str, np.ndarray] = {}

@@ -16,12 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="the user's question; goes through the chat template with the image")
     group.add_argument("--raw-prompt", help="the model input verbatim; must contain the image placeholder once")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most tokens to generate (default 32; fewer when the model ends its answer)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens (timing runs)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling (default: a fresh one each run); greedy decoding needs none")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default) or tensorrt (runs the engines build-mllm wrote into the bundle)")
     add_ort_arguments(p)

@@ -37,7 +37,7 @@ def inputs(tiny_bundles, tmp_path_factory):
 CASES = {  # command line -> the extra its error must name
     "export": (["export-mllm", "--model", "tiny-llava", "-o", "{root}/b"], "[export]"),
     "calib": (["calib-mllm", "--model", "tiny-llava", "--method", "fitprune", "--data", "builtin:synthetic:2",
-               "-o", "{root}/r.json"], "[export]"),
+               "--budget", "0.5", "-o", "{root}/r.json"], "[export]"),
     "check-trt": (["check-trt-mllm", "{bundle}", "--trt", "10.16"], "[export]"),
     "build": (["build-mllm", "{bundle}"], "mllm-deploy[trt-cu12]"),
     "demo": (["demo-mllm", "--workdir", "{root}/demo"], "[export]"),

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=100, help="test questions for the accuracy column (default 100)")
     p.add_argument("--scene", type=int, default=0,
                    help="which of the evaluated test questions to show (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=4,
+                   help="most tokens to generate per question (default 4: shapes-vqa answers are one or two words)")
     p.add_argument("--workdir", default=None, help="where recipe and bundles are written (default: the cache directory)")
     return p
 

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundles", nargs="+", help="bundle directories (a dense one is the reference when given)")
     p.add_argument("--dataset", required=True,
                    help="shapes-vqa[:split][:N] (default test:500) or a JSONL of {image, question, answer}")
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=4,
+                   help="most tokens to generate per question (default 4: shapes-vqa answers are one or two words)")
     from mllm_deploy.runtime.cli import add_ort_arguments
 
     add_ort_arguments(p)
