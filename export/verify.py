@@ -56,9 +56,17 @@ def torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: int
     """Image features, prefill logits and greedy decode logits from the Hugging Face model."""
     import warnings
 
-    with warnings.catch_warnings():  # transformers' deprecation notice for past_key_values, once per export
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    # transformers' deprecation notices for past_key_values (a FutureWarning and a logged line), once per export
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return _torch_reference(model, input_ids, pixels, steps)
+        transformers.logging.set_verbosity_error()
+        try:
+            return _torch_reference(model, input_ids, pixels, steps)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
 
 
 def _torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import torch
 
@@ -43,6 +45,7 @@ def test_plans():
     assert keep[:8] == [1.0] * 8 and min(keep) == 0.15 and keep[8] <= 0.85
 
 
+@pytest.mark.slow
 def test_collect_arank_on_a_tiny_model(tiny_model_dirs):
     from transformers import LlavaForConditionalGeneration
 

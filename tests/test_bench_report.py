@@ -41,6 +41,7 @@ def check_result(r: dict, backend: str) -> None:
     assert r["prefill_flops"] > 0 and 0 <= r["flops_reduction"] < 1 and r["peak_rss_mb"] > 10
 
 
+@pytest.mark.slow
 def test_bench_json_schema_and_sanity(bench_run):
     proc, payload = bench_run
     assert payload["schema"] == "mllm-deploy/bench@1"
@@ -62,6 +63,7 @@ def test_bench_json_schema_and_sanity(bench_run):
     assert "| 1.00x |" in proc.stdout and "prefill speedup vs dense" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_torch_backend_gives_the_same_schema(tiny_bundles, tmp_path):
     out = tmp_path / "torch.json"
     proc = run_cli("bench-mllm", str(tiny_bundles["gqa56"]), "--backend", "torch", *FAST, "--json", str(out))

@@ -3,6 +3,8 @@ command away (issue 19: the CUDA-EP table of the 7B geometry is run when a GPU i
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import subprocess
@@ -11,6 +13,7 @@ import sys
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_recipes_on_device_runs_its_cpu_path(tmp_path):
     script = REPO / "benchmarks" / "ort_recipes_on_device.py"
     out = tmp_path / "result.json"

@@ -32,6 +32,7 @@ def test_static_recipes_validate(tiny_model_dirs, tmp_path):
     assert 0 < fastv.flops["reduction"] < pdrop.flops["reduction"] < 1
 
 
+@pytest.mark.slow
 def test_vtw_recipe_follows_its_kl_curve(tiny_model_dirs, tmp_path):
     recipe = calib(tiny_model_dirs["gqa56"], tmp_path / "v.json", "--method", "vtw", "--data", "builtin:synthetic:4",
                    "--vtw-eta", "0.1")
@@ -43,6 +44,7 @@ def test_vtw_recipe_follows_its_kl_curve(tiny_model_dirs, tmp_path):
     assert all(v >= 0 for v in curve.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_fitprune_meets_budget(tiny_model_dirs, tmp_path, budget):
     from mllm_deploy.formats.flops import prefill_cost
@@ -125,6 +127,7 @@ def test_methods_registry_and_flags():
         methods.method_of(CommonOptions())
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic(tiny_model_dirs, tmp_path):
     a = json.loads((lambda r: r.to_json())(calib(tiny_model_dirs["mha42"], tmp_path / "a.json", "--method", "fitprune",
                                                  "--budget", "0.4", "--data", "builtin:synthetic:4")))
@@ -180,6 +183,7 @@ def test_bad_calibration_lines(tiny_model_dirs, tmp_path, line, needle):
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
 
 
+@pytest.mark.slow
 def test_skip_bad_skips_and_reports(tiny_model_dirs, tmp_path):
     make_image(tmp_path / "ok.png")
     data = tmp_path / "data.jsonl"

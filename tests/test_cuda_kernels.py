@@ -56,6 +56,7 @@ def cuda_kernels(tmp_path_factory) -> RoutingKernels:
     return kernels
 
 
+@pytest.mark.slow
 def test_cuda_kernels_compile_for_every_target_architecture(tmp_path):
     """sm_80/86/87 (Orin)/89/90/110 (Thor) in one nvcc call, compile only; the CI stand-in for a GPU."""
     if find_nvcc() is None:

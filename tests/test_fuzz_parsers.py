@@ -326,6 +326,7 @@ LINE = st.one_of(
 @FUZZ
 @given(st.lists(LINE, max_size=6), st.booleans(), st.sampled_from(["\n", "\r\n", "\u2028", "\x1c"]),
        st.one_of(st.none(), st.binary(max_size=8)))
+@pytest.mark.slow
 def test_calibration_jsonl(lines, skip_bad, newline, garbage):
     from mllm_deploy.calib.data import load_calibration_data
 
@@ -417,6 +418,7 @@ PREPROCESS = {"clip": {"size": {"shortest_edge": 28}, "crop_size": {"height": 28
               "no_convert": {"do_convert_rgb": False, "size": {"height": 20, "width": 24}, "do_center_crop": False}}
 
 
+@pytest.mark.slow
 @FUZZ
 @given(IMAGES, st.sampled_from(sorted(PREPROCESS)))
 def test_image_loader(data, config_name):

@@ -146,6 +146,7 @@ def test_what_counts_as_an_id():
         resolve_model("./org/name")
 
 
+@pytest.mark.slow
 def test_tiny_model_from_the_cache_calibrates_and_exports(tiny_model_dirs, tmp_path):
     """A whole model in the cache (weights, tokenizer, processor, as links into blobs) exports like its directory."""
     source = tiny_model_dirs["gqa56"]

@@ -170,6 +170,7 @@ def test_pruned_bundles_pass_tensorrt_checks(config, method, routing, pruned_bun
         assert set(inspect_bundle(bundle, "11.4").plugins) >= {"TokenSelect", "VisualScore"}
 
 
+@pytest.mark.slow
 def test_export_check_trt_flag(tiny_model_dirs, recipes, tmp_path):
     from conftest import run_cli
 

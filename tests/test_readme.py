@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import shlex
@@ -24,6 +26,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in ci_lines
 
 
+@pytest.mark.slow
 def test_demo_compares_dense_and_fitprune_shapes_llava(tmp_path):
     proc = run_cli("demo-mllm", "--workdir", str(tmp_path), "--questions", "30", "--calib", "4", timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -45,6 +48,7 @@ def _jetson_blocks() -> list[str]:
     return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
 
 
+@pytest.mark.slow
 def test_readme_workstation_commands_for_a_jetson_run_as_written(tmp_path):
     """The export and check-trt lines a Jetson user copies, run as written (in a scratch directory)."""
     workstation = _jetson_blocks()[0]

@@ -45,6 +45,7 @@ def test_packaged_model_is_a_small_hf_directory_with_its_training_log():
     assert log["final_validation_accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_dense_bundle_answers_the_test_split(shapes_bundle, test_items):
     from mllm_deploy.tools.evaluate import evaluate
 
@@ -52,6 +53,7 @@ def test_dense_bundle_answers_the_test_split(shapes_bundle, test_items):
     assert result.accuracy >= 0.95, f"{result.accuracy:.1%} on {QUESTIONS} test questions"
 
 
+@pytest.mark.slow
 def test_a_blank_image_brings_accuracy_down_to_chance(shapes_bundle, test_items):
     """Same bundle, same questions, every image replaced by an empty background."""
     from PIL import Image
@@ -64,6 +66,7 @@ def test_a_blank_image_brings_accuracy_down_to_chance(shapes_bundle, test_items)
     assert result.accuracy <= BLIND_CEILING, f"{result.accuracy:.1%} without the image"
 
 
+@pytest.mark.slow
 def test_run_mllm_answers_a_test_scene_by_name(tmp_path, shapes_bundle):
     from mllm_deploy.scenes import shapes_vqa
 

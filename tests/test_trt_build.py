@@ -308,6 +308,7 @@ def test_backend_tensorrt_without_tensorrt_is_one_line(bundles, tmp_path, tool):
     assert "TensorRT is not installed" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_check_trt_passes_plugin_routed_bundles_with_plugins_recognised(bundles):
     for version in ("10.3", "10.16", "11.4"):
         proc = run_cli("check-trt-mllm", str(bundles["fastv-plugin"]), "--trt", version, "--json")

@@ -103,6 +103,7 @@ def test_tables_present_and_keys_known():
         assert not set(table["ops"]) & set(table["unsupported"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_exported_bundles_pass(tiny_bundles, version):
     for name, bundle in tiny_bundles.items():
@@ -189,6 +190,7 @@ def test_missing_bundle_is_one_line(tmp_path):
     assert len(lines) == 1 and "bundle directory not found" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_shape_tensor_inputs_are_listed_and_an_unsized_one_is_flagged(tiny_bundles, bundle_with):
     """image_start is a shape tensor build-mllm can size (listed, not a problem); a made-up input that feeds a
     Reshape's shape has no range build-mllm could derive (a finding naming the slot)."""
