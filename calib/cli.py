@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from mllm_deploy.core import cli
+from mllm_deploy.core.progress import info
 from mllm_deploy.core.errors import MllmError
 
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             if stray:
                 raise MllmError(f"{', '.join(stray)} only apply to --method {name}")
     options = methods.options_from_flags(args.method, given)
-    recipe = calibrate(args.model, options, log=lambda m: print(m, file=sys.stderr), cache_dir=args.cache_dir)
+    recipe = calibrate(args.model, options, log=info, cache_dir=args.cache_dir)
     save_recipe(recipe, output)
     flops = recipe.flops or {}
     prov = recipe.provenance

@@ -55,9 +55,14 @@ class CommonOptions:
 
 
 def progress(total: int, desc: str, unit: str = "sample"):
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    from mllm_deploy.core.progress import bars_enabled
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not bars_enabled(sys.stderr), mininterval=0.1 if sys.stderr.isatty() else 1.0)
 
 
 def model_inputs(model_dir: Path, samples) -> list:

@@ -19,6 +19,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     from mllm_deploy import __version__
 
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("--progress", dest="chatter", action="store_const", const="always",
+                         help="progress bars on stderr even when it is not a terminal (a log file, CI)")
+    chatter.add_argument("--quiet", dest="chatter", action="store_const", const="never",
+                         help="no progress bars and no informational lines; results and errors only")
     parser.add_argument("--version", action="version", version=f"%(prog)s (mllm-deploy) {__version__}",
                         help="print the version and exit")
 
@@ -32,6 +37,10 @@ def main(
     parser = build_parser()
     add_common_flags(parser)
     args = parser.parse_args(argv)
+    if getattr(args, "chatter", None):
+        from mllm_deploy.core.progress import PROGRESS_ENV
+
+        os.environ[PROGRESS_ENV] = args.chatter  # children (bench-mllm's workers) inherit it
     try:
         code = run(args)
     except MllmError as exc:

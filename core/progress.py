@@ -1,9 +1,33 @@
-"""A dependency-free progress bar on stderr (the runtime has no tqdm), with items per second."""
+"""A dependency-free progress bar on stderr (the runtime has no tqdm), with items per second, and the one switch
+for every bar and informational line: ``MLLM_DEPLOY_PROGRESS`` = ``auto`` (bars on a terminal only), ``always``
+(``--progress``: bars even into a pipe or a log file, as plain lines) or ``never`` (``--quiet``: no bars and no
+informational lines; errors still print). An environment variable, so bench-mllm's worker processes follow it."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+PROGRESS_ENV = "MLLM_DEPLOY_PROGRESS"
+
+
+def progress_mode() -> str:
+    mode = os.environ.get(PROGRESS_ENV, "auto")
+    return mode if mode in ("auto", "always", "never") else "auto"
+
+
+def bars_enabled(stream) -> bool:
+    mode = progress_mode()
+    if mode != "auto":
+        return mode == "always"
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def info(message: str) -> None:
+    """An informational line on stderr (what a command is doing), unless --quiet."""
+    if progress_mode() != "never":
+        print(message, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -14,7 +38,11 @@ class Progress:
         self.start = time.perf_counter()
         self._last = 0.0
         self.min_interval = min_interval
-        self.enabled = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+        self.enabled = bars_enabled(self.stream)
+        # into a pipe or file (--progress): whole lines, at most one a second, not carriage-return redraws
+        self.lines = self.enabled and not bool(getattr(self.stream, "isatty", lambda: False)())
+        if self.lines:
+            self.min_interval = max(min_interval, 1.0)
 
     def update(self, count: int = 1) -> None:
         self.done += count
@@ -24,12 +52,12 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             width = 24
             filled = int(width * self.done / max(self.total, 1))
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-                              f" {rate:.1f} {self.unit}/s")
+            self.stream.write(f"{'' if self.lines else chr(13)}{self.label} [{'#' * filled}{'.' * (width - filled)}]"
+                              f" {self.done}/{self.total} {rate:.1f} {self.unit}/s{chr(10) if self.lines else ''}")
             self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.lines:
             self.stream.write("\n")
             self.stream.flush()
 

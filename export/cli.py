@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mllm_deploy.core import cli
+from mllm_deploy.core.progress import info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
                             recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory,
                             cache_dir=args.cache_dir, verify_layers=args.verify_layers, ort_graphs=args.ort_graphs)
-    export_bundle(args.model, args.output, options, log=lambda msg: print(msg, file=sys.stderr))
+    export_bundle(args.model, args.output, options, log=info)
     return 0
 
 

@@ -38,6 +38,15 @@ def require_transformers():
         raise DependencyError(f"this command needs torch and transformers>={TRANSFORMERS_FLOOR}"
                               " (pip install 'mllm-deploy[export]')") from None
     check_transformers_version(transformers.__version__)
+    import sys
+
+    from mllm_deploy.core.progress import bars_enabled
+
+    # transformers' own bars ("Loading weights") follow --progress/--quiet and stay out of pipes, like ours
+    if bars_enabled(sys.stderr):
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mllm_deploy.core import cli
+from mllm_deploy.core.progress import info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.models.registry import cache_dir, load_spec
     from mllm_deploy.tools.evaluate import evaluate, load_eval_data
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
+    log = info  # on stderr unless --quiet; the table goes to stdout
 
     load_spec(args.model)  # an unknown or unsupported model fails here, before anything is written
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "demo"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mllm_deploy.core import cli
+from mllm_deploy.core.progress import info
 
 PROG = "build-mllm"
 PRESET_NAMES = ("jetson-orin-nano", "jetson-agx-orin", "jetson-thor", "datacenter")  # trt/profiles.PRESETS
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                            workspace_mb=args.workspace, max_prompt_tokens=args.max_prompt_tokens,
                            max_new_tokens=args.max_new_tokens, force=args.force,
                            opt_image_start=chat_image_start(bundle))
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - progress on stderr, results on stdout
+    log = info  # progress on stderr (unless --quiet), results on stdout
     result = build_engines(bundle.path, bundle.manifest, options, log=log, verbose=args.verbose)
     print(f"{PROG}: engines {'written to' if result.rebuilt else 'kept in'} {result.engines_dir}")
     if args.verify:
