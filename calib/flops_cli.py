@@ -65,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, spec) if args.recipe else None
     report = prefill_cost(spec, recipe, text_tokens=args.text_tokens, formula=args.formula,
                           kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype], prefix_tokens=args.prefix_tokens)
-    if args.json:
-        print(json.dumps(report.to_dict()))
+    if args.json:  # everything the text output says: the counts it is for and the units it is in
+        print(json.dumps({**report.to_dict(), "units": report.units, "text_tokens": args.text_tokens,
+                          "visual_tokens": spec.visual_tokens, "prefix_tokens": args.prefix_tokens,
+                          "num_layers": spec.text.num_layers, "method": recipe.method_name if recipe else "dense",
+                          "kv_dtype": args.kv_dtype, "kv_bytes": sum(report.kv_bytes_per_layer)}))
         return 0
     units = report.units
     kv = report.kv_bytes_per_layer

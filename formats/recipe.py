@@ -290,6 +290,11 @@ class Recipe:
         }
         for key, value in expected.items():
             have = getattr(self.model, key)
+            if have != value and key == "fingerprint":  # hashes say nothing to a reader: say what they stand for
+                raise RecipeError(
+                    f"recipe does not match the model: it was calibrated for a model of another geometry (recipe"
+                    f" model.fingerprint {str(have)[:12]}..., this model's {value[:12]}...: heads, sizes, RoPE or"
+                    " vocabulary differ); calibrate a recipe for this model with calib-mllm")
             if have != value:
                 raise RecipeError(f"recipe does not match the model: model.{key} is {have!r} in the recipe, {value!r} in the model")
 

@@ -62,7 +62,10 @@ def test_fitprune_dense_macs_from_config_alone(llava7b):
     result = run_cli("flops-mllm", "--model", str(model_dir), "--formula", "fitprune-macs", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"formula", "dense", "recipe", "reduction", "kv_bytes_per_layer"}
+    assert set(report) == {"formula", "dense", "recipe", "reduction", "kv_bytes_per_layer", "units", "text_tokens",
+                           "visual_tokens", "prefix_tokens", "num_layers", "method", "kv_dtype", "kv_bytes"}
+    assert (report["units"], report["text_tokens"], report["visual_tokens"]) == ("MACs", 64, 576)  # FitPrune's unit
+    assert report["kv_bytes"] == sum(report["kv_bytes_per_layer"])
     assert math.isclose(report["dense"], 3.817e12, rel_tol=1e-3)
     assert report["recipe"] == report["dense"] and report["reduction"] == 0.0
     # 576 visual + 64 text tokens, K and V, 32 heads x 128, float16
