@@ -66,6 +66,12 @@ def _write_tokenizer(model_dir: Path, target: Path) -> dict:
     except OSError:
         pass
     eos = [int(e) for e in eos if e is not None] or [int(tokenizer.eos_token_id)]
+    templates = []  # a model trained on fixed question templates says so (shapes-llava): run-mllm warns off them
+    if (model_dir / "prompt_templates.json").is_file():
+        try:
+            templates = [str(t) for t in json.loads((model_dir / "prompt_templates.json").read_text())["templates"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UnsupportedModelError(f"{model_dir}/prompt_templates.json is malformed ({exc})") from None
     special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return {
         "dir": "tokenizer",
@@ -74,6 +80,7 @@ def _write_tokenizer(model_dir: Path, target: Path) -> dict:
         "special_tokens": {k: v for k, v in special.items() if v is not None},
         "image_token": "<image>",
         "eos_token_ids": eos,
+        **({"prompt_templates": templates} if templates else {}),
     }
 
 

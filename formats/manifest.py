@@ -228,6 +228,9 @@ def _check_tokenizer(manifest: dict) -> None:
         raise BundleError("manifest.json tokenizer.special_tokens must map names to token strings")
     if not isinstance(tokenizer.get("image_token"), str) or not tokenizer["image_token"]:
         raise BundleError("manifest.json tokenizer.image_token must be a non-empty string")
+    templates = tokenizer.get("prompt_templates", [])
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise BundleError("manifest.json tokenizer.prompt_templates must be a list of strings")
     eos = tokenizer.get("eos_token_ids")
     if not isinstance(eos, list) or not eos or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
                                                         for e in eos):

@@ -58,6 +58,23 @@ def ort_options(args: argparse.Namespace) -> dict:
     return {"provider": args.provider, "device_id": args.device_id, "graphs": args.graphs, "weights": args.weights}
 
 
+def _warn_about_prompt(pipe, args: argparse.Namespace) -> None:
+    """One warning line when the question is one the model cannot have learnt to answer: words its vocabulary
+    lacks, or (a model trained on fixed question templates, as shapes-llava) no template it knows."""
+    text = args.prompt if args.prompt is not None else args.raw_prompt
+    unknown = pipe.prompt.unknown_words(text)
+    problem = None
+    if unknown:
+        problem = f"the model's vocabulary has no {', '.join(repr(w) for w in unknown[:5])}"
+    elif args.prompt is not None and pipe.prompt.off_template(args.prompt):
+        problem = "the question matches none of the templates the model was trained on"
+    if problem:
+        templates = pipe.prompt.templates
+        examples = "; ".join(repr(t) for t in templates[::max(1, len(templates) // 3)][:3])  # different kinds
+        hint = f" (it knows questions like {examples}; README: shapes-vqa)" if examples else ""
+        print(f"run-mllm: warning: {problem}: the answer may be empty or wrong{hint}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.memory import available_memory, parse_size
     from mllm_deploy.runtime.pipeline import Pipeline
@@ -78,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         # sessions load: a bad image, a too-long prompt or a too-large model print nothing but the error
         pixels_source = pipe.pixel_values(args.image)
         prompt_tokens = int(pipe.input_ids(args.prompt, args.raw_prompt).shape[1])
+        _warn_about_prompt(pipe, args)
         pipe.check_request(prompt_tokens, args.max_new_tokens, max_memory, available_memory())
         streamed = []
 

@@ -44,6 +44,7 @@ class PromptBuilder:
     image_token: str
     image_token_id: int
     visual_tokens: int
+    templates: tuple[str, ...] = ()  # manifest tokenizer.prompt_templates: the questions a model was trained on
 
     @classmethod
     def from_bundle(cls, bundle) -> "PromptBuilder":
@@ -57,11 +58,31 @@ class PromptBuilder:
             raise BundleError(f"cannot load the bundle's tokenizer: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         model = bundle.manifest["model"]
         return cls(tokenizer, template, dict(info["special_tokens"]), info["image_token"],
-                   int(model["image_token_id"]), int(model["visual_tokens"]))
+                   int(model["image_token_id"]), int(model["visual_tokens"]),
+                   tuple(str(t) for t in info.get("prompt_templates") or ()))
 
     def render_chat(self, user_text: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
         return _render_template(self.chat_template, messages, self.special_tokens)
+
+    def off_template(self, text: str) -> bool:
+        """Whether a chat prompt matches none of the question templates the bundle's model was trained on (only
+        bundles whose model lists some, as shapes-llava does; ``{x}`` in a template is one word)."""
+        if not self.templates:
+            return False
+        words = " ".join(text.split())
+        return not any(_template_regex(t).fullmatch(words) for t in self.templates)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The pieces of ``text`` the tokenizer can only spell as its unknown token (a word-level vocabulary, as
+        shapes-llava's, meets a word it never saw); empty for byte-fallback tokenizers like Llama's."""
+        unk = self.special_tokens.get("unk_token")
+        unk_id = self.tokenizer.token_to_id(unk) if unk else None
+        if unk_id is None:
+            return []
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        words = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == unk_id]
+        return list(dict.fromkeys(w for w in words if w.strip()))
 
     def encode(self, text: str, from_chat_template: bool = True) -> np.ndarray:
         """Token ids [1, T] for a prompt holding the image placeholder exactly once.
@@ -103,3 +124,10 @@ class TextStreamer:
             return ""
         delta, self.emitted = text[len(self.emitted):], text
         return delta
+
+
+def _template_regex(template: str):
+    import re
+
+    pieces = re.split(r"(\{[a-z0-9_]+\})", " ".join(template.split()))
+    return re.compile("".join(r"\S+?" if re.fullmatch(r"\{[a-z0-9_]+\}", p) else re.escape(p) for p in pieces))

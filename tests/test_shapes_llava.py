@@ -79,3 +79,25 @@ def test_run_mllm_answers_a_test_scene_by_name(tmp_path, shapes_bundle):
         assert proc.returncode == 0, proc.stderr
         right += json.loads(proc.stdout)["text"].strip() == example.answer
     assert right >= 5
+
+
+def test_questions_off_its_templates_or_vocabulary_are_warned_about(tmp_path, shapes_bundle):
+    """shapes-llava learnt fixed question templates over a small word vocabulary: a question outside them is
+    answered, with one warning line naming questions it knows (issue 24); a template question gets none."""
+    from mllm_deploy.scenes import shapes_vqa
+
+    example = shapes_vqa.example("test", 0)
+    image = tmp_path / "scene.png"
+    example.image.save(image)
+    manifest = json.loads((shapes_bundle / "manifest.json").read_text())
+    assert len(manifest["tokenizer"]["prompt_templates"]) == sum(map(len, shapes_vqa.TEMPLATES.values()))
+    for question, problem in (("what colour is the circle ?", "matches none of the templates"),
+                              ("what is the colour of the sky ?", "vocabulary has no 'sky'"),
+                              (example.question, None)):
+        result = run_cli("run-mllm", str(shapes_bundle), "--image", str(image), "--prompt", question, "--json")
+        assert result.returncode == 0, result.stderr
+        warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+        if problem is None:
+            assert warnings == [], warnings
+        else:
+            assert len(warnings) == 1 and problem in warnings[0] and "what colour is the object in row" in warnings[0]
