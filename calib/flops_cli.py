@@ -6,7 +6,6 @@ Needs only the model's config.json: no weights, no torch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mllm_deploy.core import cli
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: every matrix product of the prefill graph; fastv-eq5: FastV paper Eq. 5;"
                         " fitprune-macs: FitPrune code's MACs over visual tokens (default exact)")
     p.add_argument("--kv-dtype", default="float16", choices=sorted(KV_DTYPE_BYTES), help="KV-cache element type")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    cli.add_json_argument(p, "the cost report (FLOPs, units, token counts, KV bytes)")
     return p
 
 
@@ -65,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, spec) if args.recipe else None
     report = prefill_cost(spec, recipe, text_tokens=args.text_tokens, formula=args.formula,
                           kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype], prefix_tokens=args.prefix_tokens)
-    if args.json:  # everything the text output says: the counts it is for and the units it is in
-        print(json.dumps({**report.to_dict(), "units": report.units, "text_tokens": args.text_tokens,
-                          "visual_tokens": spec.visual_tokens, "prefix_tokens": args.prefix_tokens,
-                          "num_layers": spec.text.num_layers, "method": recipe.method_name if recipe else "dense",
-                          "kv_dtype": args.kv_dtype, "kv_bytes": sum(report.kv_bytes_per_layer)}))
+    # everything the text output says: the counts it is for and the units it is in
+    cli.emit_json(args, {**report.to_dict(), "units": report.units, "text_tokens": args.text_tokens,
+                         "visual_tokens": spec.visual_tokens, "prefix_tokens": args.prefix_tokens,
+                         "num_layers": spec.text.num_layers, "method": recipe.method_name if recipe else "dense",
+                         "kv_dtype": args.kv_dtype, "kv_bytes": sum(report.kv_bytes_per_layer)}, indent=None)
+    if cli.json_to_stdout(args):
         return 0
     units = report.units
     kv = report.kv_bytes_per_layer

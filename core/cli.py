@@ -28,6 +28,32 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="print the version and exit")
 
 
+def add_json_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--json [PATH]``, the same on every command: alone, the JSON replaces the human output on stdout; with a
+    path, it is written there (atomically) and the human output stays."""
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help=f"{what} as JSON: on stdout instead of the text (--json), or into PATH (--json PATH)")
+
+
+def json_to_stdout(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", None) == "-"
+
+
+def emit_json(args: argparse.Namespace, payload, indent: int | None = 2) -> None:
+    """Where --json [PATH] asked for it; nothing without --json."""
+    import json
+
+    if args.json is None:
+        return
+    text = json.dumps(payload, indent=indent)
+    if args.json == "-":
+        print(text)
+    else:
+        from mllm_deploy.core.fsutil import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+
+
 def main(
     prog: str,
     build_parser: Callable[[], argparse.ArgumentParser],

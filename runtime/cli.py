@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mllm_deploy.core import cli
@@ -27,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default) or tensorrt (runs the engines build-mllm wrote into the bundle)")
     add_ort_arguments(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    cli.add_json_argument(p, "the answer (text, tokens, prompt_tokens, timings)")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="refuse to load when the estimated memory (weights + KV cache + activations) exceeds SIZE,"
                         " e.g. 4GiB or 512MB (the memory available is always checked)")
@@ -107,15 +106,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             answer = pipe.ask(pixels_source, prompt=args.prompt, raw_prompt=args.raw_prompt,
                               max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              on_text=None if args.json else stream, ignore_eos=args.ignore_eos)
+                              on_text=None if cli.json_to_stdout(args) else stream, ignore_eos=args.ignore_eos)
         except KeyboardInterrupt:
             if streamed:  # end the half-streamed line so the 'interrupted' message stands on its own
                 sys.stdout.write("\n")
                 sys.stdout.flush()
             raise
-    if args.json:
-        print(json.dumps(answer.to_dict()))
-    else:
+    cli.emit_json(args, answer.to_dict(), indent=None)
+    if not cli.json_to_stdout(args):
         t = answer.generation.timings
         sys.stdout.write("\n")
         # the first token comes from prefill: a one-token answer has no decode step to report

@@ -99,3 +99,31 @@ def test_every_cli_says_its_version(script):
 
     proc = run_cli(script, "--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"{script} (mllm-deploy) {__version__}", proc
+
+
+def test_json_flag_means_the_same_on_every_command(tiny_bundles, tmp_path):
+    """--json alone puts the JSON on stdout in place of the text; --json PATH writes it there and keeps the text
+    (issue 24: run/flops/check-trt took a flag, bench/eval a path)."""
+    import json
+
+    from conftest import make_image, run_cli
+
+    bundle = str(tiny_bundles["gqa56"])
+    image = str(make_image(tmp_path / "q.png", seed=5))
+    commands = {
+        "run-mllm": [bundle, "--image", image, "--prompt", "Hi.", "--max-new-tokens", "2"],
+        "flops-mllm": ["--model", "tiny-llava"],
+        "check-trt-mllm": [bundle, "--trt", "10.16"],
+        "bench-mllm": [bundle, "--repeats", "1", "--new-tokens", "2"],
+        "eval-mllm": [bundle, "--dataset", "shapes-vqa:test:2"],
+    }
+    for tool, args in commands.items():
+        alone = run_cli(tool, *args, "--json")
+        assert alone.returncode == 0, (tool, alone.stderr)
+        on_stdout = json.loads(alone.stdout)  # nothing but the JSON
+        out = tmp_path / f"{tool}.json"
+        to_file = run_cli(tool, *args, "--json", str(out))
+        assert to_file.returncode == 0, (tool, to_file.stderr)
+        assert set(json.loads(out.read_text())) == set(on_stdout), tool
+        if tool != "check-trt-mllm":  # a bundle without findings prints no lines
+            assert to_file.stdout.strip() and not to_file.stdout.lstrip().startswith("{"), (tool, to_file.stdout)

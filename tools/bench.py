@@ -195,10 +195,3 @@ def markdown_table(payload: dict) -> str:
             f" {_fmt(s.get('flops'), '{:.2f}x')} | {_fmt(s.get('efficiency'), '{:.2f}')} | {r['peak_rss_mb']:.0f} |"
             f" {_fmt(r['routing_share'], '{:.1%}')} | {_fmt(r['decode_overhead_share'], '{:.1%}')} |")
     return "\n".join(lines)
-
-
-def write_json(payload: dict, path: str | Path) -> None:
-    """Written to a temporary file and renamed, so an interrupted run leaves no half file."""
-    from mllm_deploy.core.fsutil import atomic_write_text
-
-    atomic_write_text(path, json.dumps(payload, indent=2))

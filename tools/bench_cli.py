@@ -26,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated per run (the first from prefill, the rest from decode; EOS ignored)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per bundle (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
-    p.add_argument("--json", dest="json_out", help="write results (schema mllm-deploy/bench@1) to this file")
+    cli.add_json_argument(p, "the results (schema mllm-deploy/bench@1)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.tools.bench import BenchSettings, markdown_table, run_bench, write_json
+    from mllm_deploy.tools.bench import BenchSettings, markdown_table, run_bench
 
     backends = tuple(dict.fromkeys(args.backends or ["onnxruntime"]))  # repeated flags once each, in order
     ort = (("--provider", args.provider), ("--device-id", str(args.device_id)), ("--graphs", args.graphs),
@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(backends=backends, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                              repeats=args.repeats, warmup=args.warmup, ort=ort)
     payload = run_bench(args.bundles, settings)
-    print(markdown_table(payload))
-    if args.json_out:
-        write_json(payload, args.json_out)
+    if not cli.json_to_stdout(args):
+        print(markdown_table(payload))
+    cli.emit_json(args, payload)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ort_arguments(p)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default) or tensorrt (the engines build-mllm wrote into each bundle)")
-    p.add_argument("--json", dest="json_out", help="write results (with every answer) to this file")
+    cli.add_json_argument(p, "the results (schema mllm-deploy/eval@1, with every answer)")
     return p
 
 
@@ -39,24 +38,20 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.runtime.cli import ort_options
 
     results = evaluate(args.bundles, items, args.max_new_tokens, backend=args.backend, options=ort_options(args))
-    print(f"{args.dataset}: {len(items)} questions; reference {Path(results[0].reference).name}")
-    print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction | prefill ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {Path(r.bundle).name} | {r.method} | {r.accuracy:.1%} ({r.ci_low:.1%}-{r.ci_high:.1%}) |"
-              f" {r.agreement:.1%} | {r.mean_kl:.4f} | {r.flops_reduction:.1%} | {r.prefill_ms_median:.1f} |")
-    for r in results:
-        if r.per_kind:
-            print(f"{Path(r.bundle).name} per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in r.per_kind.items()))
-    if args.json_out:
-        out = Path(args.json_out)
-        payload = {"schema": "mllm-deploy/eval@1", "dataset": args.dataset, "questions": len(items),
-                   "results": [r.summary() for r in results],
-                   "answers": {Path(r.bundle).name: r.answers for r in results},
-                   "expected": [i.answer for i in items]}
-        from mllm_deploy.core.fsutil import atomic_write_text
-
-        atomic_write_text(out, json.dumps(payload, indent=2))
+    if not cli.json_to_stdout(args):
+        print(f"{args.dataset}: {len(items)} questions; reference {Path(results[0].reference).name}")
+        print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction | prefill ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {Path(r.bundle).name} | {r.method} | {r.accuracy:.1%} ({r.ci_low:.1%}-{r.ci_high:.1%}) |"
+                  f" {r.agreement:.1%} | {r.mean_kl:.4f} | {r.flops_reduction:.1%} | {r.prefill_ms_median:.1f} |")
+        for r in results:
+            if r.per_kind:
+                print(f"{Path(r.bundle).name} per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in r.per_kind.items()))
+    cli.emit_json(args, {"schema": "mllm-deploy/eval@1", "dataset": args.dataset, "questions": len(items),
+                         "results": [r.summary() for r in results],
+                         "answers": {Path(r.bundle).name: r.answers for r in results},
+                         "expected": [i.answer for i in items]})
     return 0
 
 

@@ -7,7 +7,6 @@ TensorRT nor a GPU: the operator tables come from onnx-tensorrt's operators.md (
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
@@ -22,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     # No argparse choices: an unknown version is a user error with the known list on one line.
     p.add_argument("--trt", required=True, metavar="VERSION",
                    help="TensorRT version to check against (tables in trt/support: e.g. 10.3, 10.16, 11.4)")
-    p.add_argument("--json", action="store_true", help="print a JSON report instead of lines")
+    cli.add_json_argument(p, "the report (findings, plugins, shape inputs)")
     return p
 
 
@@ -34,10 +33,9 @@ def run(args: argparse.Namespace) -> int:
     by_graph, plugins = report.findings, report.plugins
     findings = [f for graph in by_graph.values() for f in graph]
     shape_inputs = {graph: names for graph, names in report.shape_inputs.items() if names}
-    if args.json:
-        print(json.dumps({"tensorrt": args.trt, "ok": not findings, "findings": [asdict(f) for f in findings],
-                          "plugins": plugins, "shape_inputs": shape_inputs, "caveat": support.get("caveat")},
-                         indent=1))
+    cli.emit_json(args, {"tensorrt": args.trt, "ok": not findings, "findings": [asdict(f) for f in findings],
+                         "plugins": plugins, "shape_inputs": shape_inputs, "caveat": support.get("caveat")}, indent=1)
+    if cli.json_to_stdout(args):
         return 1 if findings else 0
     if support.get("caveat"):
         # The table for this version is reconstructed from the nearest one found; say so once.
