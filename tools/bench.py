@@ -180,6 +180,8 @@ def markdown_table(payload: dict) -> str:
              + (f", GPU {m['gpu']}" if m.get("gpu") else "")
              + (f"; {m['threads']} threads" if m.get("threads") else ""),
              "",
+             "FLOPs: prefill, exact formula (formats/flops.py; flops-mllm --formula exact) at the benchmark's prompt",
+             "",
              "| bundle | backend | method | visual tokens | TTFT ms | prefill ms median (min–max) | decode ms/token"
              " | tokens/s | KV MiB | prefill GFLOPs | FLOPs reduction | prefill speedup vs dense | FLOPs speedup"
              " | measured/FLOPs | peak RSS MB | routing share | decode overhead |",

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(args.bundles, items, args.max_new_tokens, backend=args.backend, options=ort_options(args))
     if not cli.json_to_stdout(args):
         print(f"{args.dataset}: {len(items)} questions; reference {Path(results[0].reference).name}")
-        print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction | prefill ms |")
+        print("| bundle | method | accuracy (95% CI) | agreement | KL vs dense | FLOPs reduction (exact formula,"
+              " mean prompt) | prefill ms |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {Path(r.bundle).name} | {r.method} | {r.accuracy:.1%} ({r.ci_low:.1%}-{r.ci_high:.1%}) |"
