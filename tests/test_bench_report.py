@@ -128,6 +128,8 @@ def test_report_from_bench_and_eval(bench_run, tmp_path):
     assert payload["machine"]["processor"] in md  # absolute times are quoted with their machine
     assert "Jetson AGX Orin 64GB" in md and "devices.json" in md
     assert "80.0% (70.0%–90.0%)" in md  # the eval table shows the file's accuracy and interval
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert '<a href="https://www.nvidia.com/' in page and "&lt;https://" not in page  # sources are links
 
 
 def test_report_from_eval_alone(tmp_path):

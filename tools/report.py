@@ -253,6 +253,13 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;p
        "p,li{line-height:1.45}")
 
 
+def _links(escaped: str) -> str:
+    """``&lt;https://...&gt;`` in already escaped text as an anchor (the URL itself stays escaped)."""
+    import re
+
+    return re.sub(r"&lt;(https?://[^\s&]+(?:&amp;[^\s&]+)*)&gt;", r'<a href="\1">\1</a>', escaped)
+
+
 def to_html(blocks: list[Block], out_dir: Path, title: str) -> str:
     e = html.escape
     body: list[str] = []
@@ -260,8 +267,8 @@ def to_html(blocks: list[Block], out_dir: Path, title: str) -> str:
         kind = block[0]
         if kind in ("h1", "h2", "p"):
             body.append(f"<{kind}>{e(block[1])}</{kind}>")
-        elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "ul":  # a source's <https://...> becomes a link
+            body.append("<ul>" + "".join(f"<li>{_links(e(item))}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
             head = "".join(f"<th>{e(str(h))}</th>" for h in block[1])
             rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in block[2])

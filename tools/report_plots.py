@@ -98,11 +98,11 @@ def decode_throughput(results: list[dict], path: Path, subtitle: str) -> Path:
 
 
 def kv_cache(results: list[dict], path: Path, subtitle: str) -> Path:
-    largest = max(r["kv_cache_bytes"] for r in results)
-    scale, unit = (2**20, "MiB") if largest >= 2**20 else (2**10, "KiB")
-    return _grouped_bars(results, lambda r: r["kv_cache_bytes"] / scale, lambda r: None,
-                         f"KV cache after prefill [{unit}]", "KV-cache memory per recipe (all layers, K and V)",
-                         subtitle, path, fmt="{:.1f}")
+    # MiB, as the report's tables and bench-mllm's (small models get more decimals, not another unit)
+    largest = max(r["kv_cache_bytes"] for r in results) / 2**20
+    return _grouped_bars(results, lambda r: r["kv_cache_bytes"] / 2**20, lambda r: None,
+                         "KV cache after prefill [MiB]", "KV-cache memory per recipe (all layers, K and V)",
+                         subtitle, path, fmt="{:.1f}" if largest >= 10 else "{:.3f}")
 
 
 def speedup_vs_flops(results: list[dict], path: Path, subtitle: str) -> Path | None:
@@ -145,9 +145,12 @@ def accuracy_vs_flops(series: list[tuple[str, list[dict]]], path: Path) -> Path:
                [100 * (r["ci_high"] - r["accuracy"]) for r in results]]
         ax.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], color=COLOURS[i % len(COLOURS)], capsize=4,
                     markersize=7, label=label)
-        for r, x, y in zip(results, xs, ys):
-            ax.annotate(r.get("name") or Path(r["bundle"]).name, (x, y), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+        # labels of neighbouring points alternate above and below, so close recipes do not print over each other
+        order = sorted(range(len(results)), key=lambda k: (xs[k], ys[k]))
+        for rank, k in enumerate(order):
+            r, x, y = results[k], xs[k], ys[k]
+            ax.annotate(r.get("name") or Path(r["bundle"]).name, (x, y), textcoords="offset points",
+                        xytext=(6, 6 if rank % 2 == 0 else -12), fontsize=8)
     ax.set_xlabel("prefill FLOPs reduction vs dense [%]")
     ax.set_ylabel("exact-match accuracy [%]")
     ax.margins(x=0.12, y=0.12)
