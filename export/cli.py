@@ -43,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.core.memory import parse_size
-    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
 
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    from mllm_deploy.core.progress import bars_enabled
+
+    if bars_enabled(sys.stderr):  # someone watching (a terminal or --progress): the imports take ~10 s
+        info(f"export: {args.model}: loading PyTorch, transformers and the model's configuration ...")
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
                             recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory,
                             cache_dir=args.cache_dir, verify_layers=args.verify_layers, ort_graphs=args.ort_graphs)
