@@ -20,10 +20,11 @@ def _commands(tiny_bundles, tmp_path):
                    "builtin:synthetic:3", "-o", str(tmp_path / "r.json")], True),
         "bench": (["bench-mllm", bundle, "--repeats", "2", "--new-tokens", "2"], True),
         "eval": (["eval-mllm", bundle, "--dataset", "shapes-vqa:test:3"], True),
+        "demo": (["demo-mllm", "--workdir", str(tmp_path / "demo"), "--questions", "4", "--calib", "2"], True),
     }
 
 
-@pytest.mark.parametrize("name", ["export", "calib", "bench", "eval"])
+@pytest.mark.parametrize("name", ["export", "calib", "bench", "eval", pytest.param("demo", marks=pytest.mark.slow)])
 def test_progress_goes_to_stderr_and_quiet_silences_it(name, tiny_bundles, tmp_path):
     command, prints_results = _commands(tiny_bundles, tmp_path)[name]
     shown = run_cli(command[0], *command[1:], "--progress")
