@@ -9,9 +9,9 @@ with them is the ``weights`` option:
   touches are read. The least memory.
 - ``"fast"``: the decode session pre-packs its MatMul weights, the others read the mapping.
 - ``"packed"``: every session pre-packs (ONNX Runtime's own loading). On this project's 2-core CPU the decode
-  step and the prefill are each about 5-25% faster pre-packed (MLAS re-packs an unpacked weight on every call;
-  BENCHMARKS.md), and the resident memory measured one more copy of the text weights for "fast" and "packed"
-  alike (small-llava: 2.06 GB against 1.25 GB shared).
+  step is ~30% faster pre-packed (MLAS re-packs an unpacked weight on every call; BENCHMARKS.md); prefill does
+  not separate from "shared" beyond the machine's noise. The resident memory measured one more copy of the text
+  weights for "fast" and "packed" alike (small-llava: 2.06 GB against 1.25 GB shared).
 
 ``runtime.pipeline.Pipeline`` takes "packed" when its memory estimate fits and "shared" otherwise, when asked for
 "auto" (its default).
