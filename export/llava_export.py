@@ -198,8 +198,9 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
             f" {options.routing} routing)")
         from mllm_deploy.export.ort_fused import unsupported
 
-        if options.ort_graphs and unsupported(spec):
-            log(f"export: no onnxruntime-target graphs ({unsupported(spec)}); ONNX Runtime runs the portable ones")
+        reason = unsupported(spec) if options.ort_graphs else None
+        if reason:  # _graphs leaves them out for the same reason
+            log(f"export: no onnxruntime-target graphs ({reason}); ONNX Runtime runs the portable ones")
         _write_bundle(tmp, model, model_dir, spec, recipe, image_config, options, hf_model, streaming)
         if truncated:
             _verify_truncated(model, model_dir, spec, recipe, image_config, options, log, output.parent)

@@ -53,6 +53,16 @@ def tiny_bundles(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, d in tiny_model_dirs.items()}
 
 
+@pytest.fixture()
+def bundle_copy(tiny_bundles, tmp_path) -> Path:
+    """A copy of the gqa56 bundle a test may alter."""
+    import shutil
+
+    target = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["gqa56"], target)
+    return target
+
+
 def make_image(path: Path, size=(90, 70), mode="RGB", seed=0) -> Path:
     from PIL import Image, ImageDraw
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,13 +14,6 @@ import pytest
 
 from mllm_deploy.core.errors import BundleError
 from mllm_deploy.runtime.bundle import VERIFIED_FILE, check_files, load_bundle
-
-
-@pytest.fixture()
-def bundle_copy(tiny_bundles, tmp_path):
-    path = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["gqa56"], path)
-    return path
 
 
 def test_files_are_hashed_once_and_an_altered_file_is_still_refused(bundle_copy):

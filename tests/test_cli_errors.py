@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -18,13 +17,6 @@ def assert_user_error(proc, *needles: str) -> None:
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert proc.stdout == ""
-
-
-@pytest.fixture()
-def bundle_copy(tiny_bundles, tmp_path):
-    target = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles["gqa56"], target)
-    return target
 
 
 def test_export_unknown_model(tmp_path):
