@@ -129,3 +129,64 @@ def compare_selection(layer: int, kept_reference: np.ndarray, kept_candidate: np
                                    f"k-th place, scores within {distance:.3g} of the boundary (limit {limit:.3g})")
     return SelectionComparison(layer, "mismatch", f"layer {layer}: {swapped.size // 2} kept token(s) differ, "
                                f"{distance:.3g} from the boundary score (limit {limit:.3g})")
+
+
+# ---- quantized weights ----------------------------------------------------------------------------------------
+# A weight-only quantized bundle is judged twice:
+# - correctness, against the PyTorch model whose weights were replaced by their quantize-dequantize round trip
+#   (export/quantize.fake_quantize_model): the bundle computes that model, so a wrong scale layout, a swapped
+#   nibble order or a corrupted scale shows as an error far above the limit. The limit is looser than float
+#   bundles' because ONNX Runtime's MatMulNBits (what its CPU provider makes of DequantizeLinear + MatMul) rounds
+#   the activations to int8 inside each product (its accuracy level 4, the speed onnxruntime-genai's int4 CPU
+#   models use too): measured 0.2-0.6% of the logit range on the test models.
+# - quality, against the float model: whether the first generated token is the same, and the KL divergence of its
+#   distribution. Reported, not judged: a random-weight test model loses its argmax to int4 rounding while a
+#   trained one does not, and eval-mllm measures what quantization costs (BENCHMARKS.md).
+QUANT_TOLERANCE = Tolerance(atol=1e-3, rtol=0.03)
+
+
+@dataclass
+class QuantComparison:
+    bits: int
+    exact: Comparison  # against the fake-quantized PyTorch model
+    first_token_same: bool
+    first_token_kl: float  # nats, against the float model
+
+    @property
+    def ok(self) -> bool:
+        return self.exact.ok
+
+    def summary(self) -> str:
+        worst = self.exact.worst()
+        verdict = "agree" if self.ok else "DISAGREE"
+        detail = (f"worst {worst.name} max abs error {worst.max_abs_error:.3g} (limit {worst.limit:.3g})"
+                  if worst else "nothing compared")
+        return (f"{verdict} with the int{self.bits}-rounded model: {len(self.exact.outputs)} outputs, {detail};"
+                f" against the float model the first token is {'the same' if self.first_token_same else 'DIFFERENT'},"
+                f" KL {self.first_token_kl:.3g} nats")
+
+
+def kl_divergence(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> float:
+    """KL(softmax(reference) || softmax(candidate)) in nats, over the last axis (mean over leading rows)."""
+    ref = np.asarray(reference_logits, np.float64)
+    out = np.asarray(candidate_logits, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    log_p = ref - ref.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = out - out.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+def compare_quantized(rounded: dict[str, np.ndarray], float_reference: dict[str, np.ndarray],
+                      candidate: dict[str, np.ndarray], bits: int,
+                      per_output: dict[str, Tolerance] | None = None) -> QuantComparison:
+    """``candidate`` (the bundle) against ``rounded`` (the fake-quantized model's outputs) with QUANT_TOLERANCE, and
+    its first token (prefill.logits) against the float model's."""
+    exact = compare_outputs(rounded, candidate, QUANT_TOLERANCE, per_output)
+    ref, out = float_reference["prefill.logits"], candidate.get("prefill.logits")
+    if out is None or np.shape(out) != np.shape(ref):
+        return QuantComparison(bits, exact, False, float("inf"))
+    return QuantComparison(bits, exact, bool(np.array_equal(np.argmax(ref, -1), np.argmax(out, -1))),
+                           kl_divergence(ref, out))

@@ -24,9 +24,22 @@ def from_f32(graph: GraphBuilder, x: str, float_type: int) -> str:
     return x if float_type == TensorProto.FLOAT else graph.cast(x, float_type)
 
 
+def weight_matrix(graph: GraphBuilder, weights: dict, prefix: str) -> str:
+    """The [K, N] weight of linear layer ``prefix``: a constant, or, where the graph's quantization scheme covers
+    the layer, the DequantizeLinear of its stored integers (export/quantize.py)."""
+    name = f"{prefix}.weight"
+    if graph.quant is None or not graph.quant.applies(prefix):
+        return graph.const(weights[name], name=name)
+    q_name, s_name, shape = graph.quantized(weights[name], name)
+    if graph.quant.bits == 4:
+        return graph.op("DequantizeLinear", [q_name, s_name], name="dequantize", axis=0,
+                        block_size=graph.quant.block_size)
+    return graph.op("DequantizeLinear", [q_name, s_name], name="dequantize", axis=1)
+
+
 def linear(graph: GraphBuilder, x: str, weights: dict, prefix: str, name: str) -> str:
     with graph.scope(name):
-        y = graph.op("MatMul", [x, graph.const(weights[f"{prefix}.weight"], name=f"{prefix}.weight")])
+        y = graph.op("MatMul", [x, weight_matrix(graph, weights, prefix)])
         if f"{prefix}.bias" in weights:
             y = graph.op("Add", [y, graph.const(weights[f"{prefix}.bias"], name=f"{prefix}.bias")])
     return y

@@ -22,7 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="the bundle's float type (default float32; float16 is for GPUs: ONNX Runtime's CPU provider"
                         " keeps float32 copies of float16 weights)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-21; default 17)")
+    p.add_argument("--opset", type=int, help="ONNX opset (17-21; default 17, or 21 with --quantize)")
+    q = p.add_argument_group("weight-only quantization (the decoder's linear layers; TensorRT and ONNX Runtime run"
+                             " the same DequantizeLinear form, ONNX Runtime as its MatMulNBits)")
+    q.add_argument("--quantize", choices=["int8", "int4"],
+                   help="int4: signed 4-bit, one scale per block of input rows; int8: one scale per output channel")
+    q.add_argument("--block-size", type=int, choices=[32, 64, 128],
+                   help="int4 block (default 64; TensorRT builds 64 and 128, ONNX Runtime all three)")
+    q.add_argument("--quant-method", default="rtn", metavar="{rtn,awq,gptq,hqq}",
+                   help="how weights are rounded (default rtn, round-to-nearest; the data-aware methods are not"
+                        " available yet and say so)")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also the LM head (default: kept in float)")
+    q.add_argument("--quantize-vision", action="store_true",
+                   help="also the CLIP tower's and the projector's linear layers (default: kept in float)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the check of the ONNX graphs against the PyTorch model")
     p.add_argument("--no-ort-graphs", dest="ort_graphs", action="store_false",
@@ -53,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = ExportOptions(dtype=args.dtype, opset=args.opset, verify=args.verify, force=args.force,
                             recipe=args.recipe, routing=args.routing, check_trt=args.check_trt, max_memory=max_memory,
-                            cache_dir=args.cache_dir, verify_layers=args.verify_layers, ort_graphs=args.ort_graphs)
+                            cache_dir=args.cache_dir, verify_layers=args.verify_layers, ort_graphs=args.ort_graphs,
+                            quantize=args.quantize, block_size=args.block_size, quant_method=args.quant_method,
+                            quantize_lm_head=args.quantize_lm_head, quantize_vision=args.quantize_vision)
     export_bundle(args.model, args.output, options, log=info)
     return 0
 

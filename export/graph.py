@@ -25,6 +25,7 @@ ONNX_DTYPE = {
     np.dtype("int64"): TensorProto.INT64,
     np.dtype("int32"): TensorProto.INT32,
     np.dtype("bool"): TensorProto.BOOL,
+    np.dtype("int8"): TensorProto.INT8,
 }
 ALIGNMENT = 64  # bytes; keeps every tensor in weights.bin aligned for mmap-based loaders
 SMALL_CONSTANT_BYTES = 1024  # below this a constant is embedded in the graph
@@ -41,29 +42,34 @@ class WeightStore:
         self.on_new = on_new  # called with (name, bytes) when a weight is written (export's progress bar)
         self._handle = open(self.path, "wb")
         self._offset = 0
-        self._entries: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
+        self._entries: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}  # offset, bytes, ONNX type, shape
 
-    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+    def tensor(self, name: str, array: np.ndarray, data_type: int | None = None,
+               shape: tuple[int, ...] | None = None) -> TensorProto:
+        """``array`` written once under ``name``; ``data_type``/``shape`` describe bytes whose ONNX type has no
+        NumPy dtype (INT4: two values per byte, ``array`` holds the packed bytes)."""
         array = np.ascontiguousarray(array)
+        data_type = ONNX_DTYPE[array.dtype] if data_type is None else data_type
+        shape = tuple(array.shape) if shape is None else tuple(shape)
         if name not in self._entries:
             pad = (-self._offset) % ALIGNMENT
             if pad:
                 self._handle.write(b"\0" * pad)
                 self._offset += pad
             self._handle.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of a large tensor
-            self._entries[name] = (self._offset, array.nbytes, array.dtype, array.shape)
+            self._entries[name] = (self._offset, array.nbytes, data_type, shape)
             self._offset += array.nbytes
             if self.on_new is not None:
                 self.on_new(name, array.nbytes)
-        offset, length, dtype, shape = self._entries[name]
-        if dtype != array.dtype or shape != array.shape:
+        offset, length, stored_type, stored_shape = self._entries[name]
+        if stored_type != data_type or stored_shape != shape:
             raise ValueError(f"weight {name} stored twice with different dtype/shape")
-        return self._reference(name, offset, length, dtype, shape)
+        return self._reference(name, offset, length, data_type, shape)
 
-    def _reference(self, name: str, offset: int, length: int, dtype: np.dtype, shape: tuple[int, ...]) -> TensorProto:
+    def _reference(self, name: str, offset: int, length: int, data_type: int, shape: tuple[int, ...]) -> TensorProto:
         proto = TensorProto()
         proto.name = name
-        proto.data_type = ONNX_DTYPE[dtype]
+        proto.data_type = data_type
         proto.dims.extend(shape)
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
@@ -75,8 +81,7 @@ class WeightStore:
         """The external-data reference of a weight already written, or None."""
         if name not in self._entries:
             return None
-        offset, length, dtype, shape = self._entries[name]
-        return self._reference(name, offset, length, dtype, shape)
+        return self._reference(name, *self._entries[name])
 
     def close(self) -> None:
         self._handle.close()
@@ -85,8 +90,10 @@ class WeightStore:
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
 
-    def __init__(self, name: str, opset: int, weights: WeightStore | None = None, target: str = "portable"):
+    def __init__(self, name: str, opset: int, weights: WeightStore | None = None, target: str = "portable",
+                 quant=None):
         self.name = name
+        self.quant = quant  # export/quantize.QuantScheme of the linear layers, or None (float weights)
         self.opset = opset
         self.target = target  # "portable" (standard ops: TensorRT, any runtime) or "onnxruntime" (its fused ops)
         self.weights = weights
@@ -159,6 +166,33 @@ class GraphBuilder:
         self._initializer_names.add(tensor_name)
         return tensor_name
 
+    def quantized(self, value, name: str) -> tuple[str, str, tuple[int, int]]:
+        """(integers, scales, [K, N]) of a linear weight quantized with ``self.quant``, written once to weights.bin
+        under ``{name}.q`` and ``{name}.scale`` whichever graph asks first (a lazy checkpoint weight is read and
+        quantized only then)."""
+        from mllm_deploy.export import quantize as q
+
+        scheme = self.quant
+        q_name, s_name = f"{name}.q{scheme.bits}", f"{name}.scale"
+        if q_name not in self._initializer_names:
+            stored = self.weights.stored(q_name) if self.weights is not None else None
+            if stored is not None:
+                self.initializers += [stored, self.weights.stored(s_name)]
+            else:
+                array = value.load() if hasattr(value, "load") and hasattr(value, "name") else np.asarray(value)
+                q.check_shape(name, array.shape[0], scheme)
+                data, scale = q.quantize(array, scheme)
+                kind = TensorProto.INT4 if scheme.bits == 4 else TensorProto.INT8
+                if self.weights is not None:
+                    self.initializers.append(self.weights.tensor(q_name, data, kind, array.shape))
+                    self.initializers.append(self.weights.tensor(s_name, scale))
+                else:
+                    self.initializers.append(helper.make_tensor(q_name, kind, array.shape, data.tobytes(), raw=True))
+                    self.initializers.append(numpy_helper.from_array(scale, s_name))
+            self._initializer_names.update((q_name, s_name))
+        shape = next(tuple(t.dims) for t in self.initializers if t.name == q_name)
+        return q_name, s_name, shape
+
     def ints(self, values: Sequence[int]) -> str:
         """An int64 1-D constant, named by its value so repeats are shared."""
         values = [int(v) for v in values]
@@ -226,5 +260,6 @@ class GraphBuilder:
             domains["com.microsoft"] = 1
         opsets += [helper.make_opsetid(domain, version) for domain, version in sorted(domains.items())]
         model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
-        model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16 and TensorRT 10
+        # IR 9 is readable by onnxruntime >= 1.16 and TensorRT 10; opset 21 (INT4 weights) needs IR 10
+        model.ir_version = 10 if self.opset >= 21 else min(model.ir_version, 9)
         return model

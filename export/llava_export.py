@@ -26,7 +26,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 @dataclass(frozen=True)
 class ExportOptions:
     dtype: str = "float32"
-    opset: int = 17
+    opset: int | None = None  # None: 17, or 21 with --quantize (block-wise DequantizeLinear needs it)
     verify: bool = True
     force: bool = False
     recipe: str | None = None  # path to recipe.json; None exports the dense model
@@ -36,6 +36,31 @@ class ExportOptions:
     cache_dir: str | None = None  # Hugging Face cache to look --model ids up in (None: HF_HUB_CACHE / HF_HOME)
     ort_graphs: bool = True  # also the onnxruntime-target prefill/decode (fused ops; same weights file)
     verify_layers: int | None = None  # verify on the first N decoder layers (a model too big for PyTorch here)
+    quantize: str | None = None  # weight-only "int8" or "int4" (export/quantize.py); None keeps float weights
+    block_size: int | None = None  # int4's block (default export/quantize.DEFAULT_BLOCK_SIZE)
+    quant_method: str = "rtn"
+    quantize_lm_head: bool = False
+    quantize_vision: bool = False
+
+    @property
+    def resolved_opset(self) -> int:
+        return self.opset if self.opset is not None else (21 if self.quantize else 17)
+
+    def quant_scheme(self):
+        """export/quantize.QuantScheme of the options, None without --quantize; a one-line error if invalid."""
+        from dataclasses import replace
+
+        from mllm_deploy.export.quantize import check_scheme
+
+        if self.quantize is None:
+            if self.block_size is not None or self.quantize_lm_head or self.quantize_vision:
+                raise MllmError("--block-size, --quantize-lm-head and --quantize-vision need --quantize int4|int8")
+            return None
+        scheme = check_scheme(self.quantize, self.block_size, self.quant_method)
+        if scheme.bits == 4 and self.resolved_opset < 21:
+            raise MllmError(f"--quantize int4 needs --opset 21 (INT4 and block-wise DequantizeLinear), got --opset"
+                            f" {self.opset}; int8 (per-channel) also exports at 17-20")
+        return replace(scheme, lm_head=self.quantize_lm_head, vision=self.quantize_vision, scale_dtype=self.dtype)
 
 
 def _write_tokenizer(model_dir: Path, target: Path) -> dict:
@@ -85,7 +110,7 @@ def _write_tokenizer(model_dir: Path, target: Path) -> dict:
 
 
 def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Path, recipe, routing: str,
-            ort_graphs: bool = True):
+            ort_graphs: bool = True, quant=None):
     """The portable vision, prefill and decode graphs and, unless ``ort_graphs`` is off, the onnxruntime-target
     prefill and decode (ONNX Runtime's fused ops), all on one weights file: each weight is written once."""
     import onnx
@@ -115,7 +140,7 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
     try:
         for name, role, target in plan:
             bar.label = f"weights ({name} graph)"
-            g = GraphBuilder(name, opset, store, target=target)
+            g = GraphBuilder(name, opset, store, target=target, quant=quant)
             if role == "vision":
                 build_vision_graph(g, spec, weights, ft)
             elif role == "prefill":
@@ -169,7 +194,8 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
         from mllm_deploy.trt.check import load_support
 
         load_support(options.check_trt)  # an unknown version fails before any work
-    if options.opset not in SUPPORTED_OPSETS:
+    options.quant_scheme()  # bad quantization flags fail before any work
+    if options.resolved_opset not in SUPPORTED_OPSETS:
         raise MllmError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1}")
     output = Path(output)
     if output.exists() and not options.force:
@@ -194,8 +220,10 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     hf_model = load_hf_model(model_dir, attn_implementation="eager") if full_model else None
 
     with atomic_directory(output) as tmp:
-        log(f"export: {model} -> {output} ({options.dtype}, opset {options.opset}, recipe {recipe.method_name},"
-            f" {options.routing} routing)")
+        scheme = options.quant_scheme()
+        quant = f", {scheme.weights} weights ({scheme.to_dict()['granularity']})" if scheme else ""
+        log(f"export: {model} -> {output} ({options.dtype}{quant}, opset {options.resolved_opset}, recipe"
+            f" {recipe.method_name}, {options.routing} routing)")
         from mllm_deploy.export.ort_fused import unsupported
 
         reason = unsupported(spec) if options.ort_graphs else None
@@ -241,7 +269,9 @@ def _write_bundle(tmp: Path, model: str, model_dir: Path, spec: ModelSpec, recip
                                    vision_layers_used(spec), spec.text.tie_word_embeddings)
     else:  # a checkpoint in another format (pytorch_model.bin): from the loaded model
         weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
-    graphs = _graphs(spec, weights, options.dtype, options.opset, tmp, recipe, options.routing, options.ort_graphs)
+    scheme = options.quant_scheme()
+    graphs = _graphs(spec, weights, options.dtype, options.resolved_opset, tmp, recipe, options.routing,
+                     options.ort_graphs, scheme)
     tokenizer = _write_tokenizer(model_dir, tmp / "tokenizer")
     if recipe.router_path() is not None:
         # the routers are baked into prefill.onnx; the copy lets the embedded recipe's PyTorch
@@ -259,6 +289,7 @@ def _write_bundle(tmp: Path, model: str, model_dir: Path, spec: ModelSpec, recip
         "routing": options.routing,
         "graphs": graphs,
         "weights": "weights.bin",
+        **({"quantization": scheme.to_dict()} if scheme else {}),
         "kv_cache": {
             "layout": "[1, num_kv_heads, length, head_dim] per layer",
             "formula": "kv_len[l] = prompt_len - visual_tokens + recipe.visual_tokens[l]",

@@ -16,6 +16,8 @@ _DTYPE_NAMES = {
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",  # quantized weights (export/quantize.py)
+    onnx.TensorProto.INT4: "int4",
 }
 
 

@@ -221,9 +221,8 @@ class PrefillBuilder:
         tokens = self._tables(tokens)
         if self.recipe.score.query_rows != "last_text":
             raise ValueError("ranking with the pruning layer's own attention supports query_rows=last_text only")
-        qkv_name = f"text.layers.{layer}.attn.qkv.weight"
-        fused = graph.const(self.weights[qkv_name], name=qkv_name)
         with graph.scope("rank_projection"):
+            fused = blocks.weight_matrix(graph, self.weights, f"text.layers.{layer}.attn.qkv")  # as the layer has it
             hidden = blocks.rms_norm(graph, tokens.hidden, f"text.layers.{layer}.input_norm.weight", self.weights,
                                      text.rms_norm_eps, self.float_type, "input_layernorm")
             q_columns = text.num_heads * head_dim

@@ -154,7 +154,8 @@ def decoder_layer_decode(graph: GraphBuilder, spec: ModelSpec, weights: dict, la
 def lm_head(graph: GraphBuilder, spec: ModelSpec, weights: dict, x_last: str, float_type: int) -> str:
     """[1, 1, d] -> float32 logits [1, V]."""
     x = blocks.rms_norm(graph, x_last, "text.norm.weight", weights, spec.text.rms_norm_eps, float_type, "norm")
-    logits = graph.op("MatMul", [x, graph.const(weights["lm_head.weight"], name="lm_head.weight")], name="lm_head")
+    with graph.scope("lm_head"):
+        logits = graph.op("MatMul", [x, blocks.weight_matrix(graph, weights, "lm_head")], name="MatMul")
     return blocks.to_f32(graph, graph.reshape(logits, [1, spec.text.vocab_size]), float_type)
 
 
@@ -225,7 +226,7 @@ def _build_fused_decode(graph: GraphBuilder, spec: ModelSpec, weights: dict, rop
                 graph.output(tensor, present_name(layer, part), float_type,
                              [1, text.num_kv_heads, f"past_len_{layer}", text.head_dim])
         final, _ = blocks.residual_rms_norm(graph, x, delta, "text.norm.weight", weights, eps, float_type, "norm")
-        logits = graph.op("MatMul", [final, graph.const(weights["lm_head.weight"], name="lm_head.weight")],
-                          name="lm_head")
+        with graph.scope("lm_head"):
+            logits = graph.op("MatMul", [final, blocks.weight_matrix(graph, weights, "lm_head")], name="MatMul")
         logits = blocks.to_f32(graph, graph.reshape(logits, [1, text.vocab_size]), float_type)
         graph.output(logits, "logits", TensorProto.FLOAT, [1, text.vocab_size])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_deploy.core.compare import DEFAULT_TOLERANCES, Comparison, compare_outputs
+from mllm_deploy.core.compare import DEFAULT_TOLERANCES, Comparison, compare_outputs, compare_quantized
 from mllm_deploy.formats.geometry import ModelSpec
 
 DECODE_STEPS = 3
@@ -107,7 +107,7 @@ def onnx_outputs(generator, input_ids: np.ndarray, pixels: np.ndarray, reference
     return out
 
 
-def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -> dict[str, Comparison]:
+def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -> dict:
     """Each graph set of the bundle (portable, and onnxruntime when exported) against one reference: dense
     bundles against transformers' own forward, pruned ones against the PyTorch reference of their recipe
     (which equals transformers for a dense recipe). Returns {graph set: comparison}."""
@@ -117,16 +117,35 @@ def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -
     from mllm_deploy.runtime.generator import Generator
 
     input_ids, pixels = sample_inputs(spec)
-    if recipe is None or recipe.method_name == "dense":
-        reference = torch_reference(model, input_ids, pixels, DECODE_STEPS)
-    else:
-        reference = recipe_reference(model, recipe, input_ids, pixels, DECODE_STEPS)
     bundle = load_bundle(bundle_dir)
+    quant = bundle.manifest.get("quantization")
+
+    def reference_of(torch_model):
+        if recipe is None or recipe.method_name == "dense":
+            return torch_reference(torch_model, input_ids, pixels, DECODE_STEPS)
+        return recipe_reference(torch_model, recipe, input_ids, pixels, DECODE_STEPS)
+
+    reference = reference_of(model)
+    float_reference = reference
+    if quant:  # the model the bundle computes: the same weights after the quantize-dequantize round trip
+        import copy
+
+        from mllm_deploy.export.quantize import QuantScheme, fake_quantize_model
+
+        rounded = copy.deepcopy(model)
+        fake_quantize_model(rounded, QuantScheme.from_dict(quant))
+        reference = reference_of(rounded)
+        del rounded
     sets = ["portable"] + (["onnxruntime"] if all(g in bundle.manifest["graphs"] for g in ORT_GRAPHS.values()) else [])
     exact = {name: Tolerance(atol=0.0) for name in reference if name.startswith("kv_len.")}
+    if quant and not quant.get("vision"):
+        exact["image_features"] = DEFAULT_TOLERANCES[dtype]  # the vision tower kept its float weights
     results = {}
     for graphs in sets:
         with Generator(bundle, graphs=graphs) as generator:
             candidate = onnx_outputs(generator, input_ids, pixels, reference, DECODE_STEPS)
-        results[graphs] = compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)
+        if quant:
+            results[graphs] = compare_quantized(reference, float_reference, candidate, int(quant["bits"]), exact)
+        else:
+            results[graphs] = compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)
     return results

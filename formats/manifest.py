@@ -133,9 +133,9 @@ def _check_external(graph: str, entries: Any) -> None:
     where = f"graphs.{graph}.external_initializers"
     if not isinstance(entries, list):
         raise BundleError(f"manifest.json {where} must be a list")
-    sizes = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
+    bits = {"float32": 32, "float16": 16, "int64": 64, "int32": 32, "bool": 8, "int8": 8, "int4": 4}
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry.get("dtype") not in sizes:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry.get("dtype") not in bits:
             raise BundleError(f"manifest.json {where} has a malformed entry {str(entry)[:80]!r}")
         _relative_file(entry.get("file"), f"{where}.file")
         shape = entry.get("shape")
@@ -146,7 +146,7 @@ def _check_external(graph: str, entries: Any) -> None:
         for dim in shape:
             count *= dim
         _integer(entry.get("offset"), f"{where}.offset", minimum=0)
-        if _integer(entry.get("length"), f"{where}.length", minimum=0) != count * sizes[entry["dtype"]]:
+        if _integer(entry.get("length"), f"{where}.length", minimum=0) != (count * bits[entry["dtype"]] + 7) // 8:
             raise BundleError(f"manifest.json {where}: {entry['name']} length does not match its dtype and shape")
 
 
@@ -252,6 +252,18 @@ def _check_files(manifest: dict) -> None:
         raise BundleError(f"manifest.json has no sha256 for {unlisted[0]}; re-export the bundle")
 
 
+def _check_quantization(manifest: dict) -> None:
+    """The weight-only scheme, when the bundle has one: what the runtime, check-trt and reports read."""
+    quant = manifest.get("quantization")
+    if quant is None:
+        return
+    if not isinstance(quant, dict) or quant.get("weights") not in ("int4", "int8") or \
+            quant.get("bits") != {"int4": 4, "int8": 8}[quant["weights"]]:
+        raise BundleError("manifest.json quantization needs weights int4 or int8 and the matching bits")
+    if quant["weights"] == "int4":
+        _integer(quant.get("block_size"), "quantization.block_size")
+
+
 def check_manifest(manifest: Any) -> dict[str, Any]:
     """Raise :class:`BundleError` naming the first field the runtime could not use."""
     if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
@@ -263,6 +275,7 @@ def check_manifest(manifest: Any) -> dict[str, Any]:
     if manifest["dtype"] not in DTYPES:
         raise BundleError(f"manifest.json dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
     _check_model(manifest)
+    _check_quantization(manifest)
     _check_recipe(manifest)
     _check_graphs(manifest)
     _check_tokenizer(manifest)

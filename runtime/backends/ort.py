@@ -50,9 +50,13 @@ def mapped_file(path: Path) -> np.memmap:
 
 
 def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str, np.ndarray]]:
-    """(name, array view into the mapped weights file) for every external initializer of a graph."""
+    """(name, array view into the mapped weights file) for every float external initializer of a graph. Quantized
+    weights (int4/int8) are left to ONNX Runtime: its CPU provider rewrites them with their DequantizeLinear into
+    MatMulNBits' own packed copy when the session loads, so a shared mapping of them would only stay unused."""
     views = []
     for entry in entries:
+        if entry["dtype"] not in _NP_TYPES:
+            continue
         data = mapped_file(graph_dir / entry["file"])
         start, length = int(entry["offset"]), int(entry["length"])
         if start + length > data.shape[0]:
