@@ -196,13 +196,38 @@ def _restriction(key: str, node: onnx.NodeProto, ctx: _Context, consts: dict) ->
     if key == "pool_2d_3d_only":
         kernel = _attr(node, "kernel_shape")
         return None if kernel is None or len(kernel) in (2, 3) else f"{len(kernel)}D pooling: TensorRT pools 2D/3D only"
+    if key == "dq_weight_only_int4":
+        return _dequantize_problem(node, ctx, consts)
     if key == "constant_dense_numeric_only":
         bad = [a.name for a in node.attribute if a.name in ("sparse_value", "value_string", "value_strings")]
         return f"{bad[0]} constants are not supported" if bad else None
     return None
 
 
-RESTRICTION_KEYS = ("topk_sorted_must_be_1", "topk_k_max_3840", "scatter_no_reduction", "cumsum_float_only",
+# TensorRT's INT4 is weight-only with per-block scales, blocks of 64 or 128 along one of the last two dimensions
+# (TensorRT documentation, "Quantization Schemes": "INT4 quantization requires per-block scales. The supported block
+# sizes are {64, 128}"); its DequantizeLinear importer refuses a zero point that is not all zeros (onnx-tensorrt
+# QuantDequantLinearHelper: "TensorRT only supports symmetric quantization").
+TRT_INT4_BLOCK_SIZES = (64, 128)
+
+
+def _dequantize_problem(node: onnx.NodeProto, ctx: _Context, consts: dict) -> str | None:
+    zero_point = _input(node, 2)
+    if zero_point:
+        value = consts.get(zero_point)
+        if value is not None and np.any(np.asarray(value) != 0):
+            return "non-zero zero point: TensorRT dequantizes symmetrically only (zero point absent or all zeros)"
+    if ctx.types.get(_input(node, 0)) == TensorProto.INT4:
+        block = int(_attr(node, "block_size", 0) or 0)
+        if block == 0:
+            return "INT4 without block_size: TensorRT's INT4 needs per-block scales (blocks of 64 or 128)"
+        if block not in TRT_INT4_BLOCK_SIZES:
+            return (f"INT4 blocks of {block}: TensorRT supports blocks of 64 or 128; export with --block-size 64"
+                    " or 128")
+    return None
+
+
+RESTRICTION_KEYS = ("dq_weight_only_int4", "topk_sorted_must_be_1", "topk_k_max_3840", "scatter_no_reduction", "cumsum_float_only",
                     "constant_axes", "squeeze_axes_required", "data_dependent_shape", "first_output_only",
                     "pool_2d_3d_only", "constant_dense_numeric_only")
 
@@ -281,8 +306,11 @@ def analyse(model: onnx.ModelProto, trt_version: str, known_plugins: set[str] | 
                    _element_types(model), _consumed(model.graph, set()))
     lo, hi = support["opset_min"], support["opset_max"]
     if opset is not None and not lo <= opset <= hi:
+        hint = (" (INT4 weights need opset 21, block-wise DequantizeLinear: build them with TensorRT 10.16 or"
+                f" later; for TensorRT {trt_version} export --quantize int8 --opset {hi}, or float weights)"
+                if opset >= 21 > hi else "")
         ctx.add("(model)", "opset_import", f"default-domain opset {opset} is outside TensorRT {trt_version}'s "
-                                           f"supported range {lo}-{hi}")
+                                           f"supported range {lo}-{hi}{hint}")
     _walk(model.graph, ctx, {}, "")
     return ctx.findings, ctx.plugins
 
