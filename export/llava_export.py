@@ -209,6 +209,10 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     from mllm_deploy.formats.recipe import dense_recipe, load_recipe
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
+    if options.quant_scheme() is not None:
+        from mllm_deploy.export.quantize import check_geometry
+
+        check_geometry(spec, options.quant_scheme())
     image_config = ImagePreprocessConfig.from_model_dir(model_dir)
     streaming = has_safetensors(model_dir)
     truncated = options.verify and options.verify_layers is not None and options.verify_layers < spec.text.num_layers

@@ -110,6 +110,27 @@ def check_scheme(weights: str, block_size: int | None, method: str) -> QuantSche
     return QuantScheme(weights=weights, block_size=block, method=method)
 
 
+def check_geometry(spec, scheme: QuantScheme) -> None:
+    """Refuse, before any work, an int4 block size that does not divide every quantized layer's input features,
+    naming the block sizes that would."""
+    from mllm_deploy.core.errors import MllmError
+
+    if scheme.bits != 4:
+        return
+    t, v = spec.text, spec.vision
+    inputs = {"hidden size": t.hidden_size, "attention width": t.num_heads * t.head_dim,
+              "MLP width": t.intermediate_size}
+    if scheme.vision:
+        inputs.update({"vision hidden size": v.hidden_size, "vision MLP width": v.intermediate_size})
+    bad = {name: k for name, k in inputs.items() if k % scheme.block_size}
+    if bad:
+        fits = [b for b in BLOCK_SIZES if all(k % b == 0 for k in inputs.values())]
+        raise MllmError(f"--block-size {scheme.block_size} does not divide the model's "
+                        + ", ".join(f"{name} {k}" for name, k in bad.items())
+                        + (f"; use --block-size {' or '.join(map(str, fits))}" if fits else
+                           "; no int4 block size fits this model, use --quantize int8"))
+
+
 def check_shape(prefix: str, k: int, scheme: QuantScheme) -> None:
     from mllm_deploy.core.errors import UnsupportedModelError
 

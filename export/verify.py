@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_deploy.core.compare import DEFAULT_TOLERANCES, Comparison, compare_outputs, compare_quantized
+from mllm_deploy.core.compare import DEFAULT_TOLERANCES, compare_outputs, compare_quantized
 from mllm_deploy.formats.geometry import ModelSpec
 
 DECODE_STEPS = 3

@@ -48,13 +48,19 @@ def add_ort_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the sessions hold the weights: one shared mapping, pre-packed by the decode session"
                         " (fast) or by every session (packed: fastest, one more copy); auto: packed when the"
                         " memory estimate allows it, else shared")
+    p.add_argument("--quant-activations", default="int8", choices=("int8", "float"),
+                   help="quantized bundles on the CPU: ONNX Runtime's MatMulNBits rounds activations to int8 inside"
+                        " each product (default, the fast path) or keeps them float (the quantized model exactly)")
 
 
 def ort_options(args: argparse.Namespace) -> dict:
     """Backend options from add_ort_arguments' flags, for the onnxruntime backend only."""
     if getattr(args, "backend", "onnxruntime") != "onnxruntime":
         return {}
-    return {"provider": args.provider, "device_id": args.device_id, "graphs": args.graphs, "weights": args.weights}
+    options = {"provider": args.provider, "device_id": args.device_id, "graphs": args.graphs, "weights": args.weights}
+    if args.quant_activations != "int8":
+        options["quant_activations"] = args.quant_activations
+    return options
 
 
 def _warn_about_prompt(pipe, args: argparse.Namespace) -> None:

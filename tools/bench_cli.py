@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     backends = tuple(dict.fromkeys(args.backends or ["onnxruntime"]))  # repeated flags once each, in order
     ort = (("--provider", args.provider), ("--device-id", str(args.device_id)), ("--graphs", args.graphs),
-           ("--weights", args.weights))
+           ("--weights", args.weights), ("--quant-activations", args.quant_activations))
     settings = BenchSettings(backends=backends, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                              repeats=args.repeats, warmup=args.warmup, ort=ort)
     payload = run_bench(args.bundles, settings)

@@ -70,6 +70,10 @@ def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str,
 GRAPH_SETS = ("auto", "onnxruntime", "portable")
 WEIGHT_MODES = ("shared", "fast", "packed")
 PROVIDERS = ("cpu", "cuda")
+# Quantized weights: ONNX Runtime's CPU provider runs DequantizeLinear + MatMul as MatMulNBits, which by default
+# rounds the activations to int8 inside each product (its accuracy level 4: the fast path, and onnxruntime-genai's
+# default for int4 on CPU); "float" (accuracy level 1) keeps them float: the quantized model's exact arithmetic.
+QUANT_ACTIVATIONS = ("int8", "float")
 
 
 def provider_list(provider: str, device_id: int = 0) -> list:
@@ -106,8 +110,13 @@ class OrtRunner(Runner):
 
     def __init__(self, graph_path, io, name, providers: list[str] | None = None, threads: int | None = None,
                  profile: bool = False, custom_ops: list[str] | None = None, weights: str = "shared",
-                 share_weights: bool | None = None, provider: str = "cpu", device_id: int = 0):
+                 share_weights: bool | None = None, provider: str = "cpu", device_id: int = 0,
+                 quant_activations: str = "int8"):
         super().__init__(graph_path, io, name)
+        if quant_activations not in QUANT_ACTIVATIONS:
+            raise BundleError(f"quant_activations must be one of {', '.join(QUANT_ACTIVATIONS)}, got"
+                              f" {quant_activations!r}")
+        self.quant_activations = quant_activations
         providers = providers or provider_list(provider, device_id)
         on_cpu = _provider_names(providers) == ["CPUExecutionProvider"]
         if share_weights is not None:  # the older spelling: False was ONNX Runtime's own loading
@@ -162,6 +171,8 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = int(os.environ["MLLM_DEPLOY_THREADS"])
         options.enable_profiling = self.profile
         options.log_severity_level = 3
+        if self.quant_activations == "float":
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if self.share_weights:
             if not self.pack:
                 options.add_session_config_entry("session.disable_prepacking", "1")  # packed copies are per session
