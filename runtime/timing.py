@@ -7,8 +7,8 @@ decode step and the decode runner's own part of it. The backend is the Generator
 tensorrt and the PyTorch reference are timed by the same code.
 
 ``bench_result`` turns the runs into one result of schema ``mllm-deploy/bench@1`` (medians and min-max
-spreads, KV-cache memory, FLOPs, model size, peak RSS, the device): the fields bench-mllm and report-mllm
-read. ``synthetic_inputs`` is the valid prompt both measure.
+spreads, KV-cache memory, FLOPs, model size, weight scheme, bundle and weights-file bytes, peak RSS, the
+device): the fields bench-mllm and report-mllm read. ``synthetic_inputs`` is the valid prompt both measure.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 from mllm_deploy.core.errors import MllmError
 from mllm_deploy.runtime.backends.base import NP_DTYPES
-from mllm_deploy.runtime.bundle import Bundle
+from mllm_deploy.runtime.bundle import VERIFIED_FILE, Bundle
 from mllm_deploy.runtime.generator import Generation, Generator
 
 PREFIX_TOKENS = 5  # filler tokens before the image run, like a chat template's "USER: " prefix
@@ -126,8 +126,19 @@ def text_params(text: dict) -> tuple[int, int]:
     return total, total - (0 if text.get("tie_word_embeddings") else embed)
 
 
+def bundle_sizes(bundle: Bundle) -> tuple[int, int | None]:
+    """(bytes of every file in the bundle directory, bytes of its weights file or None when the graphs hold the
+    weights themselves). The runtime's own hash cache (.verified.json) is not part of the bundle and is left out."""
+    files = [f for f in bundle.path.rglob("*")
+             if f.is_file() and f.relative_to(bundle.path).as_posix() != VERIFIED_FILE]
+    weights = bundle.manifest.get("weights")
+    weights_file = bundle.path / weights if isinstance(weights, str) else None
+    return (sum(f.stat().st_size for f in files),
+            weights_file.stat().st_size if weights_file is not None and weights_file.is_file() else None)
+
+
 def static_facts(bundle: Bundle, prompt_tokens: int) -> dict:
-    """Fields that follow from the manifest alone: recipe, FLOPs, model size."""
+    """Fields that follow from the bundle alone: recipe, FLOPs, model size, weight scheme and file sizes."""
     from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.formats.geometry import spec_from_manifest
     from mllm_deploy.formats.recipe import Recipe
@@ -139,14 +150,21 @@ def static_facts(bundle: Bundle, prompt_tokens: int) -> dict:
                          prefix_tokens=PREFIX_TOKENS)
     total, read = text_params(manifest["model"]["text"])
     text = manifest["model"]["text"]
+    quantization = manifest.get("quantization")
+    bundle_bytes, weight_bytes = bundle_sizes(bundle)
     return {
         "bundle": str(bundle.path), "name": bundle.path.name, "method": recipe.method_name,
         "visual_tokens": list(recipe.visual_tokens), "prompt_tokens": prompt_tokens,
         "prefill_flops": flops.recipe, "dense_prefill_flops": flops.dense, "flops_reduction": flops.reduction,
+        # the stored weights: "int4"/"int8" for a weight-only quantized bundle (its scheme in "quantization"),
+        # else the bundle's float type
+        "weights_scheme": quantization["weights"] if quantization else manifest["dtype"],
+        "quantization": quantization, "bundle_bytes": bundle_bytes, "weight_bytes": weight_bytes,
         "model": {"fingerprint": spec.fingerprint, "source_model": manifest.get("source_model"),
                   "bundle_dtype": manifest["dtype"], "num_layers": text["num_layers"],
                   "num_kv_heads": text["num_kv_heads"], "head_dim": text["head_dim"],
-                  "text_params": total, "text_params_read_per_pass": read},
+                  "text_params": total, "text_params_read_per_pass": read,
+                  "spec": manifest["model"]},  # the geometry (formats/geometry.spec_from_manifest) for estimates
     }
 
 

@@ -1,5 +1,6 @@
 """bench-mllm and report-mllm on tiny bundles: the bench@1 schema, field sanity, the torch baseline,
-the report's files, the device table, bad input, and --help without torch."""
+the report's files, the device table, weight schemes side by side and the LLaVA-1.5-7B estimates by scheme,
+bad input, and --help without torch."""
 
 from __future__ import annotations
 
@@ -76,6 +77,154 @@ def test_bench_torch_backend_gives_the_same_schema(tiny_bundles, tmp_path):
     on_gpu = r["device"] != "cpu"  # the reference runs on CUDA in float16 when torch sees a GPU
     assert r["run_dtype"] == ("float16" if on_gpu else "float32")
     assert (r["peak_device_mb"] > 0) if on_gpu else r["peak_device_mb"] is None
+
+
+@pytest.fixture(scope="module")
+def scheme_bench(tiny_model_dirs, tmp_path_factory):
+    """The gqa56 tiny model exported as float32 and as int4 (not verified: export-mllm's own tests verify it),
+    measured in one bench-mllm run."""
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("schemes")
+    bundles = {name: export_bundle(str(tiny_model_dirs["gqa56"]), root / name,
+                                   ExportOptions(verify=False, quantize=quantize), log=lambda m: None)
+               for name, quantize in (("float32", None), ("int4", "int4"))}
+    out = root / "bench.json"
+    proc = run_cli("bench-mllm", *(str(b) for b in bundles.values()), *FAST, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text()), bundles
+
+
+def tiny_linears(text: dict) -> list[tuple[int, int]]:
+    """[K, N] of the quantized linear weights of one decoder layer (qkv, o, gate, up, down), written out here
+    rather than taken from tools/device_estimates.py, which the tests check."""
+    d, q, kv, inter = text["hidden_size"], text["num_heads"] * text["head_dim"], \
+        text["num_kv_heads"] * text["head_dim"], text["intermediate_size"]
+    return [(d, q + 2 * kv), (q, d), (d, inter), (d, inter), (inter, d)]
+
+
+def test_bench_result_carries_weight_scheme_and_sizes(scheme_bench):
+    proc, payload, bundles = scheme_bench
+    by_scheme = {r["weights_scheme"]: r for r in payload["results"]}
+    assert sorted(by_scheme) == ["float32", "int4"]
+    for scheme, r in by_scheme.items():
+        check_result(r, "onnxruntime")
+        path = bundles[scheme]
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert r["quantization"] == manifest.get("quantization")
+        assert r["weight_bytes"] == (path / "weights.bin").stat().st_size
+        files = [f for f in path.rglob("*") if f.is_file() and f.name != ".verified.json"]
+        assert r["bundle_bytes"] == sum(f.stat().st_size for f in files) > r["weight_bytes"]
+        assert r["model"]["spec"] == manifest["model"] and r["model"]["bundle_dtype"] == "float32"
+    float32, int4 = by_scheme["float32"], by_scheme["int4"]
+    assert float32["quantization"] is None
+    assert int4["quantization"]["weights"] == "int4" and int4["quantization"]["block_size"] == 64
+    # the int4 file is smaller by exactly the text linear layers: float32 -> half a byte each + a float32 scale
+    # per block of 64 input rows
+    text = int4["model"]["spec"]["text"]
+    saved = text["num_layers"] * sum(k * n * 4 - (k * n // 2 + k // 64 * n * 4) for k, n in tiny_linears(text))
+    assert float32["weight_bytes"] - int4["weight_bytes"] == saved
+    # bench-mllm's own table names the scheme of each row
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| float32", "| int4"))]
+    assert [row.split(" | ")[3] for row in rows] == ["float32", "int4"]
+
+
+def report_table(md: str, first_headers: str) -> list[dict]:
+    """The rows of the Markdown table whose header line starts with ``first_headers``, as dicts."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_headers))
+    headers = [h.strip() for h in lines[start].strip("|").split(" | ")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(headers, [c.strip() for c in line.strip("|").split(" | ")])))
+    return rows
+
+
+def test_report_compares_weight_schemes(scheme_bench, tmp_path):
+    _, payload, _ = scheme_bench
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(payload))
+    proc = run_cli("report-mllm", str(bench), "-o", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| scheme | bundle bytes | weight bytes |" in md
+    by_scheme = {r["weights_scheme"]: r for r in payload["results"]}
+    rows = report_table(md, "| bundle | backend | method | scheme |")
+    assert [row["scheme"] for row in rows] == ["float32", "int4"]  # the model's schemes next to each other
+    for row in rows:
+        r = by_scheme[row["scheme"]]
+        assert row["bundle bytes"] == f"{r['bundle_bytes']:,}" and row["weight bytes"] == f"{r['weight_bytes']:,}"
+        assert row["peak RSS MB"] == f"{r['peak_rss_mb']:.0f}"
+        assert row["decode tokens/s"] == f"{1000 / r['decode_ms_per_token']['median']:.1f}"
+    float32, int4 = by_scheme["float32"], by_scheme["int4"]
+    assert rows[1]["weights vs float"] == f"{int4['weight_bytes'] / float32['weight_bytes']:.2f}×"
+    assert rows[1]["decode speedup vs float"] == (
+        f"{float32['decode_ms_per_token']['median'] / int4['decode_ms_per_token']['median']:.2f}×")
+    assert rows[0]["weights vs float"] == "–"
+    # device estimates read the int4 layers at their quantized size: FP16 floats and scales, blocks of 64
+    text = int4["model"]["spec"]["text"]
+    linears = tiny_linears(text)
+    quantized = text["num_layers"] * sum(k * n for k, n in linears)
+    read_float = int4["model"]["text_params_read_per_pass"] * 2
+    read_int4 = read_float - 2 * quantized + text["num_layers"] * sum(k * n // 2 + k // 64 * n * 2 for k, n in linears)
+    estimates = {(row["scheme"], row["device"]): row
+                 for row in report_table(md, "| recipe | scheme | prompt tokens | device |")}
+    for scheme, expected in (("float32", read_float), ("int4", read_int4)):
+        row = estimates[scheme, "Jetson Orin Nano 8GB (Super mode)"]
+        assert row["weights read per token [GB] (est.)"] == f"{expected / 1e9:.3g}"
+        assert float(row["decode tokens/s (est.)"]) == pytest.approx(1000 / float(row["decode ms/token (est.)"]),
+                                                                     rel=1e-2)  # both printed to 3 digits
+        assert row["fits at 1024 tokens (est.)"] == "yes"
+    assert float(estimates["int4", "Jetson Orin Nano 8GB (Super mode)"]["decode tokens/s (est.)"]) > \
+        1.5 * float(estimates["float32", "Jetson Orin Nano 8GB (Super mode)"]["decode tokens/s (est.)"])
+    # and the LLaVA-1.5-7B table by scheme, labelled as estimates
+    assert "LLaVA-1.5-7B by weight scheme (estimates, bandwidth bound, not measurements)" in md
+    llava = {(row["device"], row["weights"]): row for row in report_table(md, "| device | weights |")}
+    assert llava["Jetson Orin Nano 8GB (Super mode)", "INT4"]["fits (1024 tokens, est.)"] == "yes"
+    assert llava["Jetson Orin Nano 8GB (Super mode)", "FP16"]["fits (1024 tokens, est.)"] == "NO"
+    assert {device for device, _ in llava} >= {"Jetson Orin Nano 8GB (Super mode)", "Jetson AGX Orin 64GB",
+                                               "Jetson AGX Thor (T5000 module)"}
+
+
+def test_llava7b_int4_fits_an_orin_nano_and_decodes_over_3x_faster_than_fp16():
+    from mllm_deploy.tools.device_estimates import llava7b_estimates
+    from mllm_deploy.tools.report import load_devices
+
+    devices = {d.id: d for d in load_devices()}
+    estimates = {(d.id, label): e for d, label, e in llava7b_estimates(list(devices.values()))}
+    nano = "jetson-orin-nano-8gb-super"
+    assert estimates[nano, "INT4"].fits and not estimates[nano, "FP16"].fits
+    assert not estimates[nano, "INT8"].fits  # 7.65 GB of weights + 1k-token KV + activations: just over 8 GB
+    for device in ("jetson-orin-nano-8gb-super", "jetson-agx-orin-64gb", "jetson-agx-thor-t5000"):
+        fp16, int8, int4 = (estimates[device, label] for label in ("FP16", "INT8", "INT4"))
+        assert fp16.tokens_per_s == pytest.approx(devices[device].bandwidth / fp16.read_per_token)
+        assert 3 < int4.tokens_per_s / fp16.tokens_per_s < 4  # the text weights dominate what a token reads
+        assert fp16.tokens_per_s < int8.tokens_per_s < int4.tokens_per_s
+    fp16, int4 = estimates[nano, "FP16"], estimates[nano, "INT4"]
+    # 32 layers x (qkv 4096x12288 + o 4096x4096 + gate, up, down 3x4096x11008) = 6,476,005,376 weights, each
+    # 2 bytes in FP16 and 0.5 byte + one 2-byte scale per 64 in INT4: 1.46875 bytes less; the rest stays FP16
+    assert fp16.read_per_token - int4.read_per_token == fp16.weights - int4.weights == 9_511_632_896
+    kv_1k = 32 * 2 * 4096 * 2 * 1024  # K and V of 32 layers, FP16, 1024 tokens
+    assert fp16.kv_cache == int4.kv_cache == kv_1k
+    embeddings = 32064 * 4096 * 2  # the input table, gathered (one row per token), is not read per token
+    vision = fp16.weights - fp16.read_per_token + kv_1k - embeddings
+    assert 0.6e9 < vision < 0.7e9  # CLIP ViT-L/14-336 and the projector: about 0.32 B parameters in FP16
+    assert int4.needed == int4.weights + kv_1k + int4.activations < 8e9 < fp16.needed
+
+
+def test_device_estimates_cli_prints_the_7b_table_and_refuses_a_bad_context():
+    proc = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates", "--context", "2048"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ESTIMATES, not measurements" in proc.stdout and "at 2048 tokens" in proc.stdout
+    assert proc.stdout.count("| INT4 |") == 5 and proc.stdout.count("| FP16 |") == 5
+    bad = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates", "--context", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["device-estimates: error: --context must be a positive number of"
+                                               " tokens, got 0"]
 
 
 def test_routing_share_of_a_profile():
@@ -172,10 +321,16 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     assert not e.fits  # 4 GB of weights do not fit in 3 GB
 
 
-@pytest.mark.parametrize("make", ["other_schema", "missing", "not_json"])
+@pytest.mark.parametrize("make", ["other_schema", "missing", "not_json", "bad_scheme"])
 def test_report_refuses_bad_input_with_one_line(tmp_path, make):
+    from mllm_deploy.tools.report import REQUIRED
+
     path = tmp_path / "in.json"
-    if make == "other_schema":
+    if make == "bad_scheme":
+        result = {**{key: 1 for key in REQUIRED["mllm-deploy/bench@1"]}, "weights_scheme": "int3"}
+        path.write_text(json.dumps({"schema": "mllm-deploy/bench@1", "machine": {}, "settings": {},
+                                    "results": [result]}))
+    elif make == "other_schema":
         path.write_text(json.dumps({"schema": "mllm-deploy/recipe@1", "results": []}))
     elif make == "not_json":
         path.write_text("{nope")
@@ -183,6 +338,7 @@ def test_report_refuses_bad_input_with_one_line(tmp_path, make):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("report-mllm: error:"), proc.stderr
+    assert make != "bad_scheme" or "weights_scheme 'int3' is not one of" in lines[0]
     assert not (tmp_path / "out" / "report.md").exists()
 
 
@@ -198,7 +354,8 @@ def test_bench_refuses_bad_input_with_one_line(tmp_path, tiny_bundles):
 @pytest.mark.parametrize("module", ["mllm_deploy.tools.bench_cli", "mllm_deploy.tools.report_cli"])
 def test_help_imports_no_torch(module):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import mllm_deploy.tools.bench, mllm_deploy.tools.report\n"
+            "import mllm_deploy.tools.bench, mllm_deploy.tools.report, mllm_deploy.tools.device_estimates as d\n"
+            "d.llava7b_estimates(mllm_deploy.tools.report.load_devices())\n"
             f"import {module} as m\n"
             "try:\n    m.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "print([n for n in ('torch', 'transformers', 'onnxruntime', 'matplotlib') if sys.modules.get(n)])")

@@ -143,11 +143,18 @@ def run_bench(bundles: list[str], settings: BenchSettings, show_progress: bool =
 
 
 # ---- comparisons ------------------------------------------------------------------------------------
+def weights_scheme(result: dict) -> str:
+    """float32/float16/int8/int4: how the result's bundle stores its weights (results written before weight-only
+    quantization carry no weights_scheme: their bundle dtype)."""
+    return result.get("weights_scheme") or result["model"]["bundle_dtype"]
+
+
 def dense_reference(result: dict, results: list[dict]) -> dict | None:
-    """The dense bundle of the same model, backend and prompt length measured in the same run."""
+    """The dense bundle of the same model, weight scheme, backend and prompt length measured in the same run."""
     for other in results:
         if (other["method"] == "dense" and other["backend"] == result["backend"]
                 and other["prompt_tokens"] == result["prompt_tokens"]
+                and weights_scheme(other) == weights_scheme(result)
                 and other["model"]["fingerprint"] == result["model"]["fingerprint"]):
             return other
     return None
@@ -182,18 +189,22 @@ def markdown_table(payload: dict) -> str:
              "",
              "FLOPs: prefill, exact formula (formats/flops.py; flops-mllm --formula exact) at the benchmark's prompt",
              "",
-             "| bundle | backend | method | visual tokens | TTFT ms | prefill ms median (min–max) | decode ms/token"
-             " | tokens/s | KV MiB | prefill GFLOPs | FLOPs reduction | prefill speedup vs dense | FLOPs speedup"
-             " | measured/FLOPs | peak RSS MB | routing share | decode overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bundle | backend | method | weights | visual tokens | TTFT ms | prefill ms median (min–max)"
+             " | decode ms/token | tokens/s | KV MiB | prefill GFLOPs | FLOPs reduction | prefill speedup vs dense"
+             " | FLOPs speedup | measured/FLOPs | peak RSS MB | routing share | decode overhead | bundle MiB"
+             " | weights MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         s = speedups(r, payload["results"]) or {}
         p = r["prefill_ms"]
+        scheme = weights_scheme(r)
+        sizes = [_fmt(r.get(key) and r[key] / 2**20, "{:.2f}") for key in ("bundle_bytes", "weight_bytes")]
         lines.append(
-            f"| {r['name']} | {r['backend']} | {r['method']} | {visual_summary(r['visual_tokens'])} |"
+            f"| {r['name']} | {r['backend']} | {r['method']} | {scheme} | {visual_summary(r['visual_tokens'])} |"
             f" {r['ttft_ms']['median']:.1f} | {p['median']:.1f} ({p['min']:.1f}–{p['max']:.1f}) |"
             f" {r['decode_ms_per_token']['median']:.2f} | {r['tokens_per_s']:.1f} | {r['kv_cache_bytes'] / 2**20:.2f} |"
             f" {r['prefill_flops'] / 1e9:.3f} | {r['flops_reduction']:.1%} | {_fmt(s.get('prefill'), '{:.2f}x')} |"
             f" {_fmt(s.get('flops'), '{:.2f}x')} | {_fmt(s.get('efficiency'), '{:.2f}')} | {r['peak_rss_mb']:.0f} |"
-            f" {_fmt(r['routing_share'], '{:.1%}')} | {_fmt(r['decode_overhead_share'], '{:.1%}')} |")
+            f" {_fmt(r['routing_share'], '{:.1%}')} | {_fmt(r['decode_overhead_share'], '{:.1%}')} |"
+            f" {sizes[0]} | {sizes[1]} |")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The report is built once as a list of blocks (headings, paragraphs, lists, tables, figures) and
 rendered twice, so the Markdown and the HTML cannot drift apart. Device estimates are a roofline
-over the peak figures in ``devices.json`` and are labelled as estimates everywhere they appear.
+over the peak figures in ``devices.json`` and are labelled as estimates everywhere they appear; the bytes
+each weight scheme stores and reads per token come from tools/device_estimates.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from mllm_deploy.core.errors import InputFileError, MllmError
 from mllm_deploy.core.jsonio import read_json
-from mllm_deploy.tools.bench import BENCH_SCHEMA, speedups, visual_summary
+from mllm_deploy.tools.bench import BENCH_SCHEMA, speedups, visual_summary, weights_scheme
 
 EVAL_SCHEMA = "mllm-deploy/eval@1"
 DEVICES_FILE = Path(__file__).with_name("devices.json")
@@ -30,6 +31,25 @@ REQUIRED = {  # per result, what the report reads
                    "model"),
     EVAL_SCHEMA: ("bundle", "method", "visual_tokens", "accuracy", "ci_low", "ci_high", "flops_reduction"),
 }
+WEIGHT_SCHEMES = ("float32", "float16", "int8", "int4")  # a bench result's weights_scheme, widest first
+
+
+def check_optional_bench_fields(result: dict) -> str | None:
+    """What is wrong with the fields bench@1 results gained with weight-only quantization (results written before
+    carry none of them, and are read as float bundles), or None."""
+    scheme = result.get("weights_scheme")
+    if scheme is not None and scheme not in WEIGHT_SCHEMES:
+        return f"weights_scheme {scheme!r} is not one of {', '.join(WEIGHT_SCHEMES)}"
+    quantization = result.get("quantization")
+    if quantization is not None and (not isinstance(quantization, dict)
+                                     or quantization.get("weights") not in ("int8", "int4")
+                                     or (scheme is not None and quantization["weights"] != scheme)):
+        return "quantization must be null or an object whose weights (int8 or int4) is the weights_scheme"
+    for key in ("bundle_bytes", "weight_bytes"):
+        value = result.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"{key} must be null or a number of bytes, got {value!r}"
+    return None
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -56,6 +76,9 @@ def load_inputs(paths: list[str]) -> Inputs:
             missing = [key for key in REQUIRED[schema] if not isinstance(result, dict) or key not in result]
             if missing:
                 raise MllmError(f"{path}: result {number} lacks {', '.join(missing)}")
+            problem = check_optional_bench_fields(result) if schema == BENCH_SCHEMA else None
+            if problem:
+                raise MllmError(f"{path}: result {number}: {problem}")
         (inputs.bench if schema == BENCH_SCHEMA else inputs.eval).append((path, payload))
     return inputs
 
@@ -90,21 +113,51 @@ class Estimate:
     decode_bound: str
     resident_gb: float  # text weights + KV at the end of decoding
     fits: bool
+    weights_read_gb: float = 0.0  # text weights one decode step reads, as the result's weight scheme stores them
+    context_gb: float | None = None  # weights + KV cache + activations at a CONTEXT_TOKENS context (needs the geometry)
+    context_fits: bool | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1e3 / self.decode_ms
+
+
+def result_weights(result: dict, dtype_bytes: int) -> tuple[int, int]:
+    """(text weight bytes one decode step reads, text weight bytes stored) of a bench result, floats in
+    ``dtype_bytes`` bytes: from its geometry and weight scheme where it records them (tools/device_estimates.py:
+    quantized layers at their stored size), else, as for results written before, from its parameter counts."""
+    model = result["model"]
+    if "spec" not in model and not result.get("quantization"):
+        return model["text_params_read_per_pass"] * dtype_bytes, model["text_params"] * dtype_bytes
+    from mllm_deploy.formats.geometry import spec_from_manifest
+    from mllm_deploy.tools.device_estimates import scheme_of, weight_bytes
+
+    weights = weight_bytes(spec_from_manifest(model["spec"]), scheme_of(result.get("quantization")), dtype_bytes)
+    return weights.text_read, weights.text_stored
 
 
 def roofline(result: dict, device: Device, dtype_bytes: int) -> Estimate:
-    """Lower-bound times: each phase takes at least its FLOPs at peak and its bytes at full bandwidth."""
+    """Lower-bound times: each phase takes at least its FLOPs at peak and its bytes at full bandwidth. Weights
+    are read as the result's scheme stores them (a quantized layer at its quantized size); FLOPs do not change."""
     model = result["model"]
     per_token = 2 * model["num_kv_heads"] * model["head_dim"] * dtype_bytes  # K and V, one layer
     kv_prefill = sum(result["kv_tokens_per_layer"]) * per_token
     kv_end = kv_prefill + result["new_tokens"] * model["num_layers"] * per_token
-    weights = model["text_params_read_per_pass"] * dtype_bytes
+    weights, stored = result_weights(result, dtype_bytes)
     prefill = (result["prefill_flops"] / device.peak_flops, (weights + kv_prefill) / device.bandwidth)
     decode = (2 * model["text_params_read_per_pass"] / device.peak_flops, (weights + kv_end) / device.bandwidth)
-    resident = model["text_params"] * dtype_bytes + kv_end
+    resident = stored + kv_end
+    context_gb = context_fits = None
+    if "spec" in model:
+        from mllm_deploy.formats.geometry import spec_from_manifest
+        from mllm_deploy.tools.device_estimates import on_device, scheme_of
+
+        fit = on_device(spec_from_manifest(model["spec"]), scheme_of(result.get("quantization")), dtype_bytes, device,
+                        visual_kept=result["visual_tokens"])
+        context_gb, context_fits = fit.needed / 1e9, fit.fits
     return Estimate(max(prefill) * 1e3, "compute" if prefill[0] >= prefill[1] else "memory",
                     max(decode) * 1e3, "compute" if decode[0] >= decode[1] else "memory",
-                    resident / 1e9, resident <= device.memory_bytes)
+                    resident / 1e9, resident <= device.memory_bytes, weights / 1e9, context_gb, context_fits)
 
 
 # ---- sections -----------------------------------------------------------------------------------------
@@ -122,6 +175,39 @@ def machine_line(payload: dict) -> str:
             f" {m['onnxruntime']}. Settings: {s['repeats']} repeats after {s['warmup']} warm-up, {s['new_tokens']}"
             f" new tokens per run, prompt {prompts} tokens{default}. Absolute times hold for this machine only;"
             " compare recipes by the ratios, measured in the same run.")
+
+
+def float_reference(result: dict, results: list[dict]) -> dict | None:
+    """The unquantized bundle (same float type) of the same model, recipe, backend and prompt in the same run."""
+    if not result.get("quantization"):
+        return None
+    for other in results:
+        if (not other.get("quantization") and other["backend"] == result["backend"]
+                and other["method"] == result["method"] and other["visual_tokens"] == result["visual_tokens"]
+                and other["prompt_tokens"] == result["prompt_tokens"]
+                and other["model"]["fingerprint"] == result["model"]["fingerprint"]
+                and other["model"]["bundle_dtype"] == result["model"]["bundle_dtype"]):
+            return other
+    return None
+
+
+def scheme_rows(results: list[dict]) -> list[list[str]]:
+    """Weights, memory and decode speed by weight scheme, each model's schemes next to each other (widest first)."""
+    def order(r: dict) -> tuple:
+        scheme = weights_scheme(r)
+        return (r["model"]["fingerprint"], r["method"], str(r["visual_tokens"]), r["backend"], r["prompt_tokens"],
+                WEIGHT_SCHEMES.index(scheme) if scheme in WEIGHT_SCHEMES else len(WEIGHT_SCHEMES))
+
+    rows = []
+    for r in sorted(results, key=order):
+        ref = float_reference(r, results)
+        weights, decode = r.get("weight_bytes"), r["decode_ms_per_token"]["median"]
+        weight_ratio = weights / ref["weight_bytes"] if ref and weights and ref.get("weight_bytes") else None
+        speedup = ref["decode_ms_per_token"]["median"] / decode if ref else None
+        rows.append([r["name"], r["backend"], r["method"], weights_scheme(r),
+                     _f(r.get("bundle_bytes"), "{:,}"), _f(weights, "{:,}"), _f(weight_ratio, "{:.2f}×"),
+                     f"{r['peak_rss_mb']:.0f}", f"{decode:.3f}", f"{1000.0 / decode:.1f}", _f(speedup, "{:.2f}×")])
+    return rows
 
 
 def bench_section(path: Path, payload: dict, out_dir: Path, suffix: str) -> list[Block]:
@@ -154,6 +240,13 @@ def bench_section(path: Path, payload: dict, out_dir: Path, suffix: str) -> list
                    "measured / FLOPs"], latency),
         ("table", ["bundle", "backend", "KV MiB after prefill", "prefill GFLOPs", "FLOPs reduction", "peak RSS MB",
                    "peak device MB", "routing share of prefill", "decode runtime overhead"], cost),
+        ("p", "By weight scheme (float32/float16: float weights; int8/int4: weight-only quantized text linear"
+              " layers, export-mllm --quantize): bundle size is every file of the bundle directory, weight bytes the"
+              " weights file alone; ratios are to the float bundle of the same model, recipe, backend and prompt"
+              " measured in the same run."),
+        ("table", ["bundle", "backend", "method", "scheme", "bundle bytes", "weight bytes", "weights vs float",
+                   "peak RSS MB", "decode ms/token", "decode tokens/s", "decode speedup vs float"],
+         scheme_rows(results)),
         ("p", "Speedups are ratios to the dense bundle of the same model, backend and prompt measured in the same"
               " run; measured / FLOPs is the headline efficiency of a recipe on a backend (1.0: the saving in"
               " FLOPs became an equal saving in time). Routing share: kernel time of the ranking and selection"
@@ -184,16 +277,21 @@ def eval_section(inputs: Inputs, out_dir: Path) -> list[Block]:
 
 
 def device_section(inputs: Inputs, devices: list[Device], dtype_bytes: int, devices_path: Path) -> list[Block]:
+    from mllm_deploy.tools.device_estimates import CONTEXT_TOKENS
+
     recipes: dict[tuple, dict] = {}
-    for _path, payload in inputs.bench:  # estimates depend on the recipe and prompt, not on the backend
+    for _path, payload in inputs.bench:  # estimates depend on the recipe, scheme and prompt, not on the backend
         for r in payload["results"]:
-            recipes.setdefault((r["name"], r["prompt_tokens"], r["model"]["fingerprint"]), r)
+            recipes.setdefault((r["name"], r["prompt_tokens"], r["model"]["fingerprint"], weights_scheme(r)), r)
     rows = []
     for r in recipes.values():
         for device in devices:
             e = roofline(r, device, dtype_bytes)
-            rows.append([r["name"], str(r["prompt_tokens"]), device.name, f"{e.prefill_ms:.3g}", e.prefill_bound,
-                         f"{e.decode_ms:.3g}", e.decode_bound, f"{e.resident_gb:.3g}", "yes" if e.fits else "NO"])
+            context_fits = None if e.context_fits is None else ("yes" if e.context_fits else "NO")
+            rows.append([r["name"], weights_scheme(r), str(r["prompt_tokens"]), device.name, f"{e.prefill_ms:.3g}",
+                         e.prefill_bound, f"{e.weights_read_gb:.3g}", f"{e.decode_ms:.3g}",
+                         f"{e.decode_tokens_per_s:.3g}", e.decode_bound, f"{e.resident_gb:.3g}",
+                         "yes" if e.fits else "NO", _f(e.context_gb, "{:.3g}"), _f(context_fits, "{}")])
     device_rows = [[d.name, d.mode, f"{d.peak_flops / 1e12:g}", f"{d.bandwidth / 1e9:g}", f"{d.memory_bytes / 1e9:g}"]
                    for d in devices]
     sources = []
@@ -210,21 +308,38 @@ def device_section(inputs: Inputs, devices: list[Device], dtype_bytes: int, devi
         ("ul", ["prefill time ≥ max(prefill FLOPs / peak FLOP/s, (weight bytes + KV bytes after prefill) / bandwidth)",
                 "decode time per token ≥ max(2 × weights read per token / peak FLOP/s, (weight bytes + KV bytes at"
                 " the end of decoding) / bandwidth)",
-                f"weights and KV cache in {dtype_bytes}-byte elements (--device-dtype-bytes), whatever the bundle's"
-                " dtype; weights = text-model parameters less the input-embedding table (a lookup reads one row)",
+                f"float weights and KV cache in {dtype_bytes}-byte elements (--device-dtype-bytes), whatever the"
+                " bundle's dtype; weights read per token = text-model weights less the input-embedding table (a lookup"
+                " reads one row); in an int8/int4 bundle its quantized linear layers count at their stored size"
+                f" (integers and scales, the scales in {dtype_bytes}-byte elements), the LM head and the embeddings"
+                " stay float unless quantized",
+                "decode tokens/s (est.) = 1000 / decode ms per token (est.): an upper bound",
                 "prefill FLOPs from the exact FLOPs model (every matrix product of the prefill graph); the vision"
                 " tower, norms, softmax and attention FLOPs of decode are not counted",
                 "peak FLOP/s is dense FP16/BF16 tensor-core throughput; several figures are derived from sparse"
                 " INT8/FP4 ratings (see the device table)",
-                "'fits' compares text weights + final KV cache with the device memory; on Jetson that memory is"
-                " shared with the CPU, the vision tower and the OS, so the real margin is smaller",
+                "'fits' compares text weights + final KV cache with the device memory; 'fits at"
+                f" {CONTEXT_TOKENS} tokens' compares all weights as stored (text and vision tower) + the KV cache of a"
+                f" {CONTEXT_TOKENS}-token context + the activations of its prefill (core/memory.py's estimate); on"
+                " Jetson that memory is shared with the CPU and the OS, so the real margin is smaller",
                 f"device figures: {devices_path.name} (sources below)"]),
-        ("table", ["recipe", "prompt tokens", "device", "prefill ms (est.)", "prefill bound", "decode ms/token (est.)",
-                   "decode bound", "text weights + KV [GB]", "fits"], rows),
+        ("table", ["recipe", "scheme", "prompt tokens", "device", "prefill ms (est.)", "prefill bound",
+                   "weights read per token [GB] (est.)", "decode ms/token (est.)", "decode tokens/s (est.)",
+                   "decode bound", "text weights + KV [GB]", "fits",
+                   f"weights + KV + activations at {CONTEXT_TOKENS} tokens [GB] (est.)",
+                   f"fits at {CONTEXT_TOKENS} tokens (est.)"], rows),
         ("table", ["device", "mode", "dense FP16 TFLOP/s", "bandwidth GB/s", "memory GB"], device_rows),
         ("p", f"Where each figure comes from (and how it was checked: see 'checked' in {devices_path.name}):"),
         ("ul", sources),
     ]
+
+
+def llava7b_section(devices: list[Device]) -> list[Block]:
+    """LLaVA-1.5-7B by weight scheme on every device: what quantization buys, from the geometry alone."""
+    from mllm_deploy.tools.device_estimates import LLAVA7B_NOTE, llava7b_headers, llava7b_rows
+
+    return [("h2", "LLaVA-1.5-7B by weight scheme (estimates, bandwidth bound, not measurements)"),
+            ("p", LLAVA7B_NOTE), ("table", llava7b_headers(), llava7b_rows(devices))]
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -321,7 +436,9 @@ def _render(paths: list[str], inputs: Inputs, devices: list[Device], dtype_bytes
     if inputs.bench:
         blocks += device_section(inputs, devices, dtype_bytes, devices_path)
     else:
-        blocks.append(("p", "No bench-mllm results were given, so there are no device estimates."))
+        blocks.append(("p", "No bench-mllm results were given, so there are no device estimates for measured"
+                            " bundles."))
+    blocks += llava7b_section(devices)
     (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out / "report.html").write_text(to_html(blocks, out, title), encoding="utf-8")
     return ["report.md", "report.html"] + [b[1] for b in blocks if b[0] == "img"]
