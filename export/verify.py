@@ -145,7 +145,8 @@ def verify_bundle(bundle_dir, model, spec: ModelSpec, dtype: str, recipe=None) -
         with Generator(bundle, graphs=graphs) as generator:
             candidate = onnx_outputs(generator, input_ids, pixels, reference, DECODE_STEPS)
         if quant:
-            results[graphs] = compare_quantized(reference, float_reference, candidate, int(quant["bits"]), exact)
+            results[graphs] = compare_quantized(reference, float_reference, candidate, int(quant["bits"]), dtype,
+                                                exact)
         else:
             results[graphs] = compare_outputs(reference, candidate, DEFAULT_TOLERANCES[dtype], per_output=exact)
     return results

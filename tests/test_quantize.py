@@ -143,7 +143,7 @@ def test_quantized_bundle_generates_like_the_quantized_reference(method, routing
     image = make_image(tmp_path / "q.png", size=(77, 91), seed=3)
     for graphs in ("portable", "onnxruntime"):
         # float activations: the quantized model's own arithmetic (the default int8 activations of MatMulNBits
-        # drift from it on random weights; export verification holds them to QUANT_TOLERANCE of it)
+        # drift from it on random weights; export verification holds them to QUANT_TOLERANCES)
         with Pipeline.load(bundle, graphs=graphs, quant_activations="float") as pipe:
             ids = pipe.input_ids(prompt="Describe the picture in detail.")
             pixels = pipe.pixel_values(image)
@@ -180,14 +180,16 @@ def test_a_broken_scale_layout_fails_verification_and_writes_nothing(tiny_model_
             array = np.ascontiguousarray(np.asarray(array)[::-1])
         return write(self, name, array, data_type, shape)
 
-    monkeypatch.setattr(graph.WeightStore, "tensor", reversed_scales)
-    for weights in ("int4", "int8"):
-        target = tmp_path / weights
-        with pytest.raises(VerificationError, match="DISAGREE with the int"):
-            export_bundle(str(tiny_model_dirs["gqa56"]), target,
-                          ExportOptions(quantize=weights, block_size=32 if weights == "int4" else None),
-                          log=lambda m: None)
-        assert not target.exists() and not list(tmp_path.glob(f".{weights}*"))
+    for weights, dtype in (("int4", "float32"), ("int8", "float32"), ("int4", "float16")):
+        options = ExportOptions(quantize=weights, block_size=32 if weights == "int4" else None, dtype=dtype)
+        target = tmp_path / f"{weights}-{dtype}"
+        with monkeypatch.context() as patch:
+            patch.setattr(graph.WeightStore, "tensor", reversed_scales)
+            with pytest.raises(VerificationError, match="DISAGREE with the int"):
+                export_bundle(str(tiny_model_dirs["gqa56"]), target, options, log=lambda m: None)
+        assert not target.exists() and not list(tmp_path.glob(f".{target.name}*"))
+        # and the same export with the scales as written passes (float16 bundles have the wider limit)
+        export_bundle(str(tiny_model_dirs["gqa56"]), target, options, log=lambda m: None)
 
 
 def test_verification_line_reports_the_float_model_comparison(tiny_model_dirs, tmp_path):
