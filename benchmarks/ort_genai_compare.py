@@ -1,12 +1,15 @@
 """Our ONNX Runtime bundles against onnxruntime-genai on the same text model, interleaved, on this CPU.
 
     python benchmarks/ort_genai_compare.py WORKDIR [--rounds 10] [--prompt-tokens 616] [--new-tokens 16]
-        [--threads 2] [--bundle NAME=PATH ...] [--model small-llava]
+        [--threads 2] [--bundle NAME=PATH ...] [--model small-llava] [--genai fp32 --genai int4 ...]
 
 Setup (once, cached in WORKDIR; needs torch and transformers): the LLaVA model's text decoder is saved as a
-LlamaForCausalLM and built with onnxruntime-genai's model builder in float32 for the CPU (its own graphs:
-GroupQueryAttention, SkipSimplifiedLayerNormalization, RotaryEmbedding); our dense float32 bundle is exported
-unless --bundle names bundles already made (a fused one, a FastV one, ...).
+LlamaForCausalLM and built with onnxruntime-genai's model builder for the CPU in each --genai precision (fp32 by
+default; int4 is its MatMulNBits build, the builder's defaults: blocks of 32, accuracy level 4) with its own graphs
+(GroupQueryAttention, SkipSimplifiedLayerNormalization, RotaryEmbedding); our dense float32 bundle is exported
+unless --bundle names bundles already made (a fused one, a FastV one, an int4 one, ...). Ratios are to genai-fp32;
+a quantized bundle of ours also gets the ratios to genai's build of the same width (genai-int4 for int4).
+Each worker reports its process's peak RSS; the table gives every system's size on disk.
 
 Measurement: every system runs in its own fresh process per round (one warm-up generation, then one measured),
 round robin, the order reversed every other round; each process uses --threads intra-op threads. Prefill is the
@@ -56,10 +59,10 @@ def text_model_dir(model_dir: Path, target: Path) -> Path:
     return target
 
 
-def build_genai(text_dir: Path, target: Path, threads: int) -> Path:
+def build_genai(text_dir: Path, target: Path, threads: int, precision: str = "fp32") -> Path:
     if not (target / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text_dir), "-o",
-                        str(target), "-p", "fp32", "-e", "cpu", "-c", str(target.parent / "genai-cache")],
+                        str(target), "-p", precision, "-e", "cpu", "-c", str(target.parent / "genai-cache")],
                        check=True, stdout=subprocess.DEVNULL)
     config_path = target / "genai_config.json"
     config = json.loads(config_path.read_text())
@@ -88,8 +91,10 @@ def setup(args) -> dict[str, tuple[str, str]]:
         kind = "ours-portable" if name in (args.portable or []) else "ours"
         weights = dict(item.split("=", 1) for item in args.weights or []).get(name, "auto")
         systems[name] = (kind if weights == "auto" else f"{kind}:{weights}", path)
-    systems[GENAI] = ("genai", str(build_genai(text_model_dir(model_dir, work / "text-model"), work / GENAI,
-                                               args.threads)))
+    text_dir = text_model_dir(model_dir, work / "text-model")
+    for precision in dict.fromkeys(["fp32", *(args.genai or [])]):
+        name = f"genai-{precision}"
+        systems[name] = ("genai", str(build_genai(text_dir, work / name, args.threads, precision)))
     return systems
 
 
@@ -103,7 +108,14 @@ def worker_ours(path: str, prompt_tokens: int, new_tokens: int, threads: int, gr
     ids, pixels = synthetic_inputs(pipe.bundle, prompt_tokens)
     pipe.generator.generate(ids, pixels, new_tokens, ignore_eos=True)  # warm-up
     result = pipe.generator.generate(ids, pixels, new_tokens, ignore_eos=True)
-    return {"prefill_ms": result.timings.prefill_ms, "decode_ms": statistics.median(result.timings.decode_ms)}
+    return {"prefill_ms": result.timings.prefill_ms, "decode_ms": statistics.median(result.timings.decode_ms),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    from mllm_deploy.runtime.timing import peak_rss_mb as peak
+
+    return peak()
 
 
 def worker_genai(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
@@ -129,7 +141,7 @@ def worker_genai(path: str, prompt_tokens: int, new_tokens: int, threads: int) -
         return {"prefill_ms": prefill, "decode_ms": statistics.median(steps)}
 
     once()
-    return once()
+    return {**once(), "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_matmul(rows: int, inner: int, cols: int, threads: int) -> dict:
@@ -209,8 +221,19 @@ def measure(args, systems: dict[str, tuple[str, str]]) -> dict:
         kind, path = systems[name]
         entry = {"kind": kind, "path": path,
                  "prefill_ms": statistics.median(r[name]["prefill_ms"] for r in rounds),
-                 "decode_ms": statistics.median(r[name]["decode_ms"] for r in rounds)}
-        if name != GENAI:
+                 "decode_ms": statistics.median(r[name]["decode_ms"] for r in rounds),
+                 "peak_rss_mb": statistics.median(r[name]["peak_rss_mb"] for r in rounds),
+                 "disk_bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())}
+        if kind != "genai":
+            weights = json.loads((Path(path) / "manifest.json").read_text()).get("quantization", {}).get("weights")
+            peer = f"genai-{weights}" if weights else None
+            if peer in systems:
+                entry["peer"] = peer
+                entry["prefill_ratio_to_peer"] = statistics.median(r[name]["prefill_ms"] / r[peer]["prefill_ms"]
+                                                                   for r in rounds)
+                entry["decode_ratio_to_peer"] = statistics.median(r[name]["decode_ms"] / r[peer]["decode_ms"]
+                                                                  for r in rounds)
+        if kind != "genai":
             entry["prefill_ratio_to_genai"] = statistics.median(r[name]["prefill_ms"] / r[GENAI]["prefill_ms"]
                                                                 for r in rounds)
             entry["decode_ratio_to_genai"] = statistics.median(r[name]["decode_ms"] / r[GENAI]["decode_ms"]
@@ -241,6 +264,8 @@ def main(argv=None) -> int:
                         help="run bundle NAME on its portable graphs (the ones TensorRT builds), not its onnxruntime ones")
     parser.add_argument("--weights", action="append", metavar="NAME=MODE",
                         help="how bundle NAME's sessions hold the weights: shared, fast, packed (default: auto)")
+    parser.add_argument("--genai", action="append", metavar="PRECISION",
+                        help="also onnxruntime-genai's build in this precision (int4, int8, fp16; fp32 always)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--prompt-tokens", type=int, default=616)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -264,9 +289,13 @@ def main(argv=None) -> int:
     result = measure(args, setup(args))
     print(json.dumps(result, indent=2))
     for name, entry in result["systems"].items():
-        extra = ("" if name == GENAI else f"  ratio prefill {entry['prefill_ratio_to_genai']:.3f} decode"
+        extra = ("" if entry["kind"] == "genai" else f"  ratio prefill {entry['prefill_ratio_to_genai']:.3f} decode"
                  f" {entry['decode_ratio_to_genai']:.3f}, {entry['prefill_share_of_matmul_peak']:.0%} of MatMul peak")
-        print(f"{name:>16}: prefill {entry['prefill_ms']:.0f} ms, decode {entry['decode_ms']:.1f} ms/token{extra}",
+        if "peer" in entry:
+            extra += (f"; to {entry['peer']}: prefill {entry['prefill_ratio_to_peer']:.3f} decode"
+                      f" {entry['decode_ratio_to_peer']:.3f}")
+        print(f"{name:>16}: prefill {entry['prefill_ms']:.0f} ms, decode {entry['decode_ms']:.1f} ms/token,"
+              f" peak RSS {entry['peak_rss_mb']:.0f} MB, {entry['disk_bytes'] / 2**20:.0f} MiB on disk{extra}",
               file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -139,20 +139,38 @@ def activation_bytes(spec, prompt_tokens: int, dtype_bytes: int) -> int:
     return max(text, vision) * dtype_bytes
 
 
+# Quantized weights on ONNX Runtime's CPU provider: every session that uses a quantized layer reads its integers
+# from the file and rewrites them (with the DequantizeLinear) into MatMulNBits' own buffers, so they are resident
+# about once per text session plus what the rewrite keeps. Measured with small-llava (run-mllm's sessions, 616-token
+# prompt; runtime/backends/ort.py): 2.6x the quantized bytes with shared weights (int4 and int8 alike), 1.2x more
+# when every session pre-packs.
+QUANTIZED_RESIDENT = 2.6
+QUANTIZED_PACKED_EXTRA = 1.2
+
+
 def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], prompt_tokens: int,
                      weights_file_bytes: int | None = None, shared_weights: bool = True,
-                     float16_on_cpu: bool = False, packed_copies: int | None = None) -> MemoryEstimate:
+                     float16_on_cpu: bool = False, packed_copies: int | None = None,
+                     quantized_bytes: int = 0) -> MemoryEstimate:
     """A loaded bundle answering one request. With shared weights (the weights file mapped once,
     runtime/backends/ort.py) every weight is resident once; each session that pre-packs (``packed_copies`` of
     them: 1 in the runtime's "fast" mode, the decode session; otherwise the prefill and the decode session) adds
     its own copy of the text model's weights. ``float16_on_cpu``: ONNX Runtime's CPU
     provider has no float16 GEMM on x86 and runs those MatMuls in float32 behind Casts whose float32 weights
     stay resident, one copy per session (measured: prefill and decode each add 2x the text weights' float16
-    bytes)."""
+    bytes). ``quantized_bytes``: the part of the weights file that is quantized (int4/int8 integers and their
+    scales), resident as QUANTIZED_RESIDENT (+ QUANTIZED_PACKED_EXTRA when pre-packed) times its size; the
+    rest follows the float rules."""
     text = text_parameters(spec.text) * dtype_bytes
     stored = weights_file_bytes if weights_file_bytes is not None else text + vision_parameters(spec) * dtype_bytes
     copies = packed_copies if packed_copies is not None else (0 if shared_weights else 1)
-    weights = stored + copies * min(text, stored)
+    if quantized_bytes:
+        float_part = max(stored - quantized_bytes, 0)
+        weights = float_part + copies * float_part + quantized_bytes * (
+            QUANTIZED_RESIDENT + (QUANTIZED_PACKED_EXTRA if copies else 0))
+        text = float_part  # float16_on_cpu below: only float weights get float32 copies
+    else:
+        weights = stored + copies * min(text, stored)
     if float16_on_cpu and dtype_bytes == 2:
         weights += 2 * 2 * min(text, stored)
     return MemoryEstimate(

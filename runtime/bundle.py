@@ -64,6 +64,18 @@ class Bundle:
         text_tokens = prompt_tokens - self.visual_tokens
         return [text_tokens + kept for kept in self.visual_tokens_per_layer]
 
+    def quantized_bytes(self) -> int:
+        """Bytes of the weights file holding quantized weights (int4/int8 integers and their scales); 0 unless the
+        bundle was exported with --quantize."""
+        if not self.manifest.get("quantization"):
+            return 0
+        entries = {}
+        for graph in self.manifest["graphs"].values():
+            for entry in graph.get("external_initializers", []):
+                entries[entry["name"]] = entry
+        return sum(e["length"] for name, e in entries.items()
+                   if e["dtype"] in ("int4", "int8") or name.endswith(".scale"))
+
     def weights_bytes(self) -> int:
         """Bytes of every file the graphs load (graphs and external weights), for memory estimates."""
         files = [self.manifest["graphs"][graph]["file"] for graph in bundle_graphs(self.manifest)]

@@ -109,7 +109,7 @@ class Pipeline:
             self._backend_options.get("provider", "cpu") == "cpu"
         packed = 1 if self.weights_mode in ("fast", "packed") else 0  # "auto" is estimated as "shared"
         return runtime_estimate(spec, dtype_bytes, kv_tokens, prompt_tokens, self.bundle.weights_bytes(),
-                                float16_on_cpu=cpu, packed_copies=packed)
+                                float16_on_cpu=cpu, packed_copies=packed, quantized_bytes=self.bundle.quantized_bytes())
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int, max_memory: int | None = None,
                       available: int | None = None) -> None:
