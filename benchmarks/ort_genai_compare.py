@@ -11,7 +11,8 @@ unless --bundle names bundles already made (a fused one, a FastV one, an int4 on
 a quantized bundle of ours also gets the ratios to genai's build of the same width (genai-int4 for int4).
 Each worker reports its process's peak RSS; the table gives every system's size on disk.
 
-Measurement: every system runs in its own fresh process per round (one warm-up generation, then one measured),
+Measurement: every system runs in its own fresh process per round (--warmup generations, default 2, then one
+measured: our sessions' second run can still be 30-50% slower than the third, so one warm-up measured a transient),
 round robin, the order reversed every other round; each process uses --threads intra-op threads. Prefill is the
 time to process the whole prompt (ours: image features in, the vision tower is not timed, since genai's text
 model has none; genai: the prompt's token ids), decode the median ms per generated token. A MatMul worker measures
@@ -100,13 +101,14 @@ def setup(args) -> dict[str, tuple[str, str]]:
 
 # ---- workers (one measurement each, in a fresh process) -----------------------------------------------
 def worker_ours(path: str, prompt_tokens: int, new_tokens: int, threads: int, graphs: str = "auto",
-                weights: str = "auto") -> dict:
+                weights: str = "auto", warmup: int = 2) -> dict:
     from mllm_deploy.runtime.pipeline import Pipeline
     from mllm_deploy.runtime.timing import synthetic_inputs
 
     pipe = Pipeline.load(path, threads=threads, graphs=graphs, weights=weights)
     ids, pixels = synthetic_inputs(pipe.bundle, prompt_tokens)
-    pipe.generator.generate(ids, pixels, new_tokens, ignore_eos=True)  # warm-up
+    for _ in range(warmup):
+        pipe.generator.generate(ids, pixels, new_tokens, ignore_eos=True)
     result = pipe.generator.generate(ids, pixels, new_tokens, ignore_eos=True)
     return {"prefill_ms": result.timings.prefill_ms, "decode_ms": statistics.median(result.timings.decode_ms),
             "peak_rss_mb": peak_rss_mb()}
@@ -118,7 +120,7 @@ def peak_rss_mb() -> float:
     return peak()
 
 
-def worker_genai(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+def worker_genai(path: str, prompt_tokens: int, new_tokens: int, threads: int, warmup: int = 2) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
@@ -140,7 +142,8 @@ def worker_genai(path: str, prompt_tokens: int, new_tokens: int, threads: int) -
             steps.append((time.perf_counter() - start) * 1000)
         return {"prefill_ms": prefill, "decode_ms": statistics.median(steps)}
 
-    once()
+    for _ in range(warmup):
+        once()
     return {**once(), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -171,7 +174,8 @@ def worker_matmul(rows: int, inner: int, cols: int, threads: int) -> dict:
 
 def run_worker(kind: str, path: str, args) -> dict:
     command = [sys.executable, __file__, args.workdir, "--worker", kind, path, "--prompt-tokens",
-               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+               "--warmup", str(args.warmup)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MLLM_DEPLOY_THREADS": str(args.threads)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
@@ -215,6 +219,7 @@ def measure(args, systems: dict[str, tuple[str, str]]) -> dict:
             f"{n} {row[n]['prefill_ms']:.0f}/{row[n]['decode_ms']:.1f}" for n in names)
               + f", matmul {row['matmul']['gflops']:.0f} GFLOP/s", file=sys.stderr)
     result = {"machine": args.machine, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "warmup": args.warmup,
               "threads": args.threads, "rounds": args.rounds, "systems": {}, "matmul_gflops":
               statistics.median(r["matmul"]["gflops"] for r in rounds)}
     for name in names:
@@ -267,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--genai", action="append", metavar="PRECISION",
                         help="also onnxruntime-genai's build in this precision (int4, int8, fp16; fp32 always)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="generations before the measured one, per process")
     parser.add_argument("--prompt-tokens", type=int, default=616)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -279,11 +285,11 @@ def main(argv=None) -> int:
         if kind == "matmul":
             out = worker_matmul(*map(int, path.split(",")), args.threads)
         elif kind == "genai":
-            out = worker_genai(path, args.prompt_tokens, args.new_tokens, args.threads)
+            out = worker_genai(path, args.prompt_tokens, args.new_tokens, args.threads, args.warmup)
         else:
             kind, _, weights = kind.partition(":")
             out = worker_ours(path, args.prompt_tokens, args.new_tokens, args.threads,
-                              "portable" if kind == "ours-portable" else "auto", weights or "auto")
+                              "portable" if kind == "ours-portable" else "auto", weights or "auto", args.warmup)
         print(json.dumps(out))
         return 0
     result = measure(args, setup(args))

@@ -289,3 +289,24 @@ def test_a_tampered_quantization_record_is_refused(bundle_copy):
     manifest["quantization"] = {"weights": "int3", "bits": 3}
     with pytest.raises(BundleError, match="quantization needs weights int4 or int8"):
         check_manifest(manifest)
+
+
+def test_the_memory_estimate_counts_quantized_weights_per_session(quant_bundles, tiny_bundles):
+    """The integers are resident as MatMulNBits buffers of each text session, not as one shared mapping: the
+    estimate takes QUANTIZED_RESIDENT times their bytes (and the float rest once), and stays below the float
+    bundle's."""
+    from mllm_deploy.core.memory import QUANTIZED_RESIDENT
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    bundle = quant_bundles("gqa56", "dense", "native", "int4")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entries = {e["name"]: e for g in manifest["graphs"].values() for e in g["external_initializers"]}
+    quantized = sum(e["length"] for n, e in entries.items() if n.endswith((".q4", ".scale")))
+    pipe = Pipeline.load(bundle, weights="shared")
+    assert pipe.bundle.quantized_bytes() == quantized > 0
+    stored = pipe.bundle.weights_bytes()  # the files the sessions load: graphs and weights.bin
+    estimate = pipe.memory_estimate(100, 4)
+    assert estimate.weights == int(stored - quantized + QUANTIZED_RESIDENT * quantized)
+    with Pipeline.load(tiny_bundles["gqa56"], weights="shared") as dense:
+        assert estimate.weights < dense.memory_estimate(100, 4).weights
+    pipe.close()
