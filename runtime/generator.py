@@ -76,6 +76,7 @@ class Generator:
         self.max_positions = int(model["text"]["max_position_embeddings"])
         self.image_token_id = int(model["image_token_id"])
         self.eos_ids = set(bundle.manifest["tokenizer"]["eos_token_ids"])
+        self._spare_cache: StaticKVCache | None = None  # generate()'s last cache, whose buffers the next one reuses
 
     def __enter__(self) -> "Generator":
         for runner in self.runners.values():
@@ -112,7 +113,9 @@ class Generator:
             "image_start": np.array([start], dtype=np.int64),
         })
         kv_lengths = self.bundle.kv_lengths(input_ids.shape[1])
-        cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra for n in kv_lengths], self.float_dtype)
+        cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra for n in kv_lengths],
+                              self.float_dtype, reuse=self._spare_cache)
+        self._spare_cache = None
         for layer in range(self.bundle.num_layers):
             cache.fill(layer, out[present_name(layer, "key")], out[present_name(layer, "value")])
         return out["logits"][0], cache
@@ -172,5 +175,6 @@ class Generator:
             timings.decode_backend_ms.append(self.runners["decode"].last_inference_ms)
             check_finite(logits, f"decode step {step + 1}", self.bundle.num_layers, self.bundle.dtype)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
+        self._spare_cache = cache  # generate() owns this cache: its buffers serve the next request of this size
         return Generation(tokens=tokens, prompt_tokens=prompt_len, timings=timings, stop_reason=stop_reason,
                           first_logits=first_logits, kv_tokens_per_layer=kv_tokens)
