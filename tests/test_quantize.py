@@ -143,7 +143,7 @@ def test_quantized_bundle_generates_like_the_quantized_reference(method, routing
     image = make_image(tmp_path / "q.png", size=(77, 91), seed=3)
     for graphs in ("portable", "onnxruntime"):
         # float activations: the quantized model's own arithmetic (the default int8 activations of MatMulNBits
-        # drift from it on random weights; export verification holds them to QUANT_TOLERANCES)
+        # drift from it on random weights; eval-mllm measures them on shapes-vqa)
         with Pipeline.load(bundle, graphs=graphs, quant_activations="float") as pipe:
             ids = pipe.input_ids(prompt="Describe the picture in detail.")
             pixels = pipe.pixel_values(image)
@@ -188,7 +188,7 @@ def test_a_broken_scale_layout_fails_verification_and_writes_nothing(tiny_model_
             with pytest.raises(VerificationError, match="DISAGREE with the int"):
                 export_bundle(str(tiny_model_dirs["gqa56"]), target, options, log=lambda m: None)
         assert not target.exists() and not list(tmp_path.glob(f".{target.name}*"))
-        # and the same export with the scales as written passes (float16 bundles have the wider limit)
+        # and the same export with the scales as written passes
         export_bundle(str(tiny_model_dirs["gqa56"]), target, options, log=lambda m: None)
 
 
@@ -292,10 +292,10 @@ def test_a_tampered_quantization_record_is_refused(bundle_copy):
 
 
 def test_the_memory_estimate_counts_quantized_weights_per_session(quant_bundles, tiny_bundles):
-    """The integers are resident as MatMulNBits buffers of each text session, not as one shared mapping: the
-    estimate takes QUANTIZED_RESIDENT times their bytes (and the float rest once), and stays below the float
-    bundle's."""
-    from mllm_deploy.core.memory import QUANTIZED_RESIDENT
+    """The integers are resident as MatMulNBits buffers of each text session, not as one shared mapping, and such
+    sessions always pre-pack: the estimate takes QUANTIZED_RESIDENT times their bytes and QUANTIZED_FLOAT_COPIES
+    times the float rest, and stays below the pre-packed float bundle's."""
+    from mllm_deploy.core.memory import QUANTIZED_FLOAT_COPIES, QUANTIZED_RESIDENT
     from mllm_deploy.runtime.pipeline import Pipeline
 
     bundle = quant_bundles("gqa56", "dense", "native", "int4")
@@ -306,7 +306,30 @@ def test_the_memory_estimate_counts_quantized_weights_per_session(quant_bundles,
     assert pipe.bundle.quantized_bytes() == quantized > 0
     stored = pipe.bundle.weights_bytes()  # the files the sessions load: graphs and weights.bin
     estimate = pipe.memory_estimate(100, 4)
-    assert estimate.weights == int(stored - quantized + QUANTIZED_RESIDENT * quantized)
-    with Pipeline.load(tiny_bundles["gqa56"], weights="shared") as dense:
+    assert estimate.weights == int(QUANTIZED_FLOAT_COPIES * (stored - quantized) + QUANTIZED_RESIDENT * quantized)
+    assert pipe.generator.runners["decode"].pack  # shared or not, MatMulNBits gets its packed buffers
+    with Pipeline.load(tiny_bundles["gqa56"], weights="packed") as dense:  # as fast as a float bundle runs
         assert estimate.weights < dense.memory_estimate(100, 4).weights
     pipe.close()
+
+
+def test_quantize_vision_and_lm_head_cover_those_layers_too(tiny_model_dirs, tmp_path):
+    """--quantize-vision puts the CLIP tower's and the projector's linear layers through DequantizeLinear as well
+    (the export then judges image features by the logits they lead to), --quantize-lm-head the LM head; both
+    verify."""
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    bundle = export_bundle(str(tiny_model_dirs["gqa56"]), tmp_path / "b",
+                           ExportOptions(quantize="int8", quantize_vision=True, quantize_lm_head=True),
+                           log=lambda m: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["vision"] and manifest["quantization"]["lm_head"]
+    vision = onnx.load(bundle / "vision.onnx", load_external_data=False)
+    dq = [n for n in vision.graph.node if n.op_type == "DequantizeLinear"]
+    from mllm_deploy.export.vision_graph import vision_layers_used
+    from mllm_deploy.formats.geometry import spec_from_manifest
+
+    used = vision_layers_used(spec_from_manifest(manifest["model"]))
+    assert used >= 2 and len(dq) == 4 * used + 2  # qkv, o, fc1, fc2 of every layer used, the projector's two
+    decode = onnx.load(bundle / "decode.onnx", load_external_data=False)
+    assert any(n.op_type == "DequantizeLinear" and n.name.startswith("/model/lm_head") for n in decode.graph.node)
