@@ -140,12 +140,14 @@ def activation_bytes(spec, prompt_tokens: int, dtype_bytes: int) -> int:
 
 
 # Quantized weights on ONNX Runtime's CPU provider: every session that uses a quantized layer reads its integers
-# from the file and rewrites them (with the DequantizeLinear) into MatMulNBits' own buffers, so they are resident
-# about once per text session plus what the rewrite keeps. Measured with small-llava (run-mllm's sessions, 616-token
-# prompt; runtime/backends/ort.py): 2.6x the quantized bytes with shared weights (int4 and int8 alike), 1.2x more
-# when every session pre-packs.
-QUANTIZED_RESIDENT = 2.6
-QUANTIZED_PACKED_EXTRA = 1.2
+# from the file and rewrites them (with the DequantizeLinear) into MatMulNBits' own pre-packed buffers, so they are
+# resident about once per text session plus what the rewrite keeps; pre-packing is always on for such graphs
+# (runtime/backends/ort.py), so the float rest (LM head, embeddings, vision tower) also gets its packed copy.
+# Measured (benchmarks/bundle_load_prefill.py, 616-token prompt): the 7B-geometry int4 bundles' peaks 16,256 MiB
+# (dense), 14,778 (FastV) and 16,288 (FitPrune) against 16,374, 16,104 and 16,101 MiB estimated with these factors;
+# small-llava's int4/int8 bundles 703/1011 MiB against ~580/820 (the rest is the Python process, as for float).
+QUANTIZED_RESIDENT = 3.2
+QUANTIZED_FLOAT_COPIES = 2
 
 
 def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], prompt_tokens: int,
@@ -159,15 +161,14 @@ def runtime_estimate(spec, dtype_bytes: int, kv_tokens_per_layer: list[int], pro
     provider has no float16 GEMM on x86 and runs those MatMuls in float32 behind Casts whose float32 weights
     stay resident, one copy per session (measured: prefill and decode each add 2x the text weights' float16
     bytes). ``quantized_bytes``: the part of the weights file that is quantized (int4/int8 integers and their
-    scales), resident as QUANTIZED_RESIDENT (+ QUANTIZED_PACKED_EXTRA when pre-packed) times its size; the
-    rest follows the float rules."""
+    scales), resident QUANTIZED_RESIDENT times, the float rest QUANTIZED_FLOAT_COPIES times, whatever the weights
+    mode (such sessions always pre-pack)."""
     text = text_parameters(spec.text) * dtype_bytes
     stored = weights_file_bytes if weights_file_bytes is not None else text + vision_parameters(spec) * dtype_bytes
     copies = packed_copies if packed_copies is not None else (0 if shared_weights else 1)
     if quantized_bytes:
         float_part = max(stored - quantized_bytes, 0)
-        weights = float_part + copies * float_part + quantized_bytes * (
-            QUANTIZED_RESIDENT + (QUANTIZED_PACKED_EXTRA if copies else 0))
+        weights = QUANTIZED_FLOAT_COPIES * float_part + QUANTIZED_RESIDENT * quantized_bytes
         text = float_part  # float16_on_cpu below: only float weights get float32 copies
     else:
         weights = stored + copies * min(text, stored)
