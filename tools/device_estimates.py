@@ -100,14 +100,26 @@ class DeviceFit:
     kv_cache: int
     activations: int
     memory: float  # the device's, bytes
+    text_weights: int = 0  # stored bytes of the decoder alone
 
     @property
     def needed(self) -> int:
+        """With the decoder's weights held once (one engine, or engines sharing them)."""
         return self.weights + self.kv_cache + self.activations
 
     @property
     def fits(self) -> bool:
         return self.needed <= self.memory
+
+    @property
+    def needed_as_built(self) -> int:
+        """As build-mllm builds today: separate prefill and decode engines, each with its own copy of the decoder's
+        weights (TensorRT engines do not share weights)."""
+        return self.needed + self.text_weights
+
+    @property
+    def fits_as_built(self) -> bool:
+        return self.needed_as_built <= self.memory
 
 
 def context_kv_tokens(spec, visual_kept: list[int] | None = None, context: int = CONTEXT_TOKENS) -> list[int]:
@@ -125,7 +137,8 @@ def on_device(spec, scheme: QuantScheme | None, float_bytes: int, device, contex
     kv = kv_cache_bytes(spec.text, context_kv_tokens(spec, visual_kept, context), float_bytes)
     read = weights.text_read + kv
     return DeviceFit(read_per_token=read, tokens_per_s=device.bandwidth / read, weights=weights.stored, kv_cache=kv,
-                     activations=activation_bytes(spec, context, float_bytes), memory=device.memory_bytes)
+                     activations=activation_bytes(spec, context, float_bytes), memory=device.memory_bytes,
+                     text_weights=weights.text_stored)
 
 
 def llava7b_spec():
@@ -157,7 +170,8 @@ def llava7b_rows(devices, context: int = CONTEXT_TOKENS) -> list[list[str]]:
     for device, label, e in llava7b_estimates(devices, context):
         rows.append([device.name, label, f"{e.weights / 1e9:.2f}", f"{e.read_per_token / 1e9:.2f}",
                      f"{e.tokens_per_s:.1f}", f"{e.needed / 1e9:.2f}", f"{e.memory / 1e9:g}",
-                     "yes" if e.fits else "NO"])
+                     "yes" if e.fits else "NO", f"{e.needed_as_built / 1e9:.2f}",
+                     "yes" if e.fits_as_built else "NO"])
     return rows
 
 
@@ -166,13 +180,16 @@ LLAVA7B_NOTE = ("LLaVA-1.5-7B (geometry of llava-hf/llava-1.5-7b-hf) by weight s
                 " input embeddings only one row, plus the KV cache at the context); memory is stored weights (text"
                 " and vision tower) + KV cache + prefill activations, FP16 for everything float; INT4 has blocks of"
                 " 64 input rows, INT8 one scale per output channel, FP16 scales; the LM head and the vision tower"
-                " stay FP16. On Jetson the memory is shared with the CPU and the OS, so the real margin is smaller.")
+                " stay FP16. On Jetson the memory is shared with the CPU and the OS, so the real margin is smaller."
+                " 'Fits' holds the decoder's weights once (one engine, or engines sharing them: not built yet);"
+                " 'as built' adds the second copy today's separate prefill and decode engines hold.")
 
 
 def llava7b_headers(context: int = CONTEXT_TOKENS) -> list[str]:
     return ["device", "weights", "stored weights [GB]", "read per token [GB] (est.)",
             "decode tokens/s (est., upper bound)", f"weights + KV + activations at {context} tokens [GB] (est.)",
-            "device memory [GB]", f"fits ({context} tokens, est.)"]
+            "device memory [GB]", f"fits ({context} tokens, est.)", "as built: two engines [GB] (est.)",
+            "fits as built"]
 
 
 def main(argv=None) -> int:
