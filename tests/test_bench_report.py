@@ -219,12 +219,12 @@ def test_llava7b_int4_fits_an_orin_nano_and_decodes_over_3x_faster_than_fp16():
 
 
 def test_device_estimates_cli_prints_the_7b_table_and_refuses_a_bad_context():
-    proc = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates", "--context", "2048"],
+    proc = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates_cli", "--context", "2048"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "ESTIMATES, not measurements" in proc.stdout and "at 2048 tokens" in proc.stdout
     assert proc.stdout.count("| INT4 |") == 5 and proc.stdout.count("| FP16 |") == 5
-    bad = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates", "--context", "0"],
+    bad = subprocess.run([sys.executable, "-m", "mllm_deploy.tools.device_estimates_cli", "--context", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["device-estimates: error: --context must be a positive number of"

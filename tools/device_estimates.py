@@ -11,14 +11,13 @@ embeddings, norms and, unless quantized too, the LM head and the vision tower st
 (blocks of 64, FP16 scales) on every device: decode tokens/s <= bandwidth / bytes read per token, and
 weights + KV cache + activations at a 1024-token context against the device memory.
 
-    python -m mllm_deploy.tools.device_estimates     # the LLaVA-1.5-7B table, as report-mllm prints it
+    python -m mllm_deploy.tools.device_estimates_cli     # the LLaVA-1.5-7B table, as report-mllm prints it
 
 Imports neither torch nor onnxruntime (export/quantize.py imports numpy alone).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from mllm_deploy.core.memory import activation_bytes, kv_cache_bytes, text_parameters, vision_parameters
@@ -190,30 +189,3 @@ def llava7b_headers(context: int = CONTEXT_TOKENS) -> list[str]:
             "decode tokens/s (est., upper bound)", f"weights + KV + activations at {context} tokens [GB] (est.)",
             "device memory [GB]", f"fits ({context} tokens, est.)", "as built: two engines [GB] (est.)",
             "fits as built"]
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    from mllm_deploy.core import cli
-
-    def build_parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog="python -m mllm_deploy.tools.device_estimates",
-                                    description="LLaVA-1.5-7B in FP16, INT8 and INT4 on the devices of devices.json:"
-                                                " bandwidth-bound decode tokens/s and memory fit (estimates)")
-        p.add_argument("--context", type=int, default=CONTEXT_TOKENS,
-                       help=f"tokens in the KV cache for the memory fit and the decode read (default {CONTEXT_TOKENS})")
-        return p
-
-    def run(args: argparse.Namespace) -> int:
-        from mllm_deploy.tools.report import load_devices, to_markdown
-
-        rows = llava7b_rows(load_devices(), check_context(args.context))
-        print(to_markdown([("p", LLAVA7B_NOTE), ("table", llava7b_headers(args.context), rows)]), end="")
-        return 0
-
-    return cli.main("device-estimates", build_parser, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,6 +4,8 @@ The report is built once as a list of blocks (headings, paragraphs, lists, table
 rendered twice, so the Markdown and the HTML cannot drift apart. Device estimates are a roofline
 over the peak figures in ``devices.json`` and are labelled as estimates everywhere they appear; the bytes
 each weight scheme stores and reads per token come from tools/device_estimates.py.
+The module is longer than 400 lines because its sections (bench and eval tables, plots, device roofline) all
+feed that one list of blocks.
 """
 
 from __future__ import annotations
