@@ -104,6 +104,7 @@ class GraphBuilder:
         self._scope: list[str] = []
         self._used_names: dict[str, int] = {}
         self._initializer_names: set[str] = set()
+        self._quantized_shapes: dict[str, tuple[int, int]] = {}  # integers' name -> [K, N]
         self.custom_domains: dict[str, int] = {}
         self.value_infos: list[onnx.ValueInfoProto] = []  # element types ONNX's inference cannot derive
 
@@ -178,9 +179,11 @@ class GraphBuilder:
             stored = self.weights.stored(q_name) if self.weights is not None else None
             if stored is not None:
                 self.initializers += [stored, self.weights.stored(s_name)]
+                self._quantized_shapes[q_name] = tuple(stored.dims)
             else:
                 array = value.load() if hasattr(value, "load") and hasattr(value, "name") else np.asarray(value)
                 q.check_shape(name, array.shape[0], scheme)
+                self._quantized_shapes[q_name] = tuple(array.shape)
                 data, scale = q.quantize(array, scheme)
                 kind = TensorProto.INT4 if scheme.bits == 4 else TensorProto.INT8
                 if self.weights is not None:
@@ -190,8 +193,7 @@ class GraphBuilder:
                     self.initializers.append(helper.make_tensor(q_name, kind, array.shape, data.tobytes(), raw=True))
                     self.initializers.append(numpy_helper.from_array(scale, s_name))
             self._initializer_names.update((q_name, s_name))
-        shape = next(tuple(t.dims) for t in self.initializers if t.name == q_name)
-        return q_name, s_name, shape
+        return q_name, s_name, self._quantized_shapes[q_name]
 
     def ints(self, values: Sequence[int]) -> str:
         """An int64 1-D constant, named by its value so repeats are shared."""

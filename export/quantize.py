@@ -189,31 +189,17 @@ def fake_quantize_model(model, scheme: QuantScheme) -> int:
     many layers were replaced."""
     import torch
 
-    from mllm_deploy.export.weights import llava_modules
+    from mllm_deploy.export.weights import linear_groups, llava_modules
 
-    vision, projector, text, lm_head = llava_modules(model)
-    layers: list[tuple[str, object]] = []
-    for i, layer in enumerate(text.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        p = f"text.layers.{i}"
-        layers += [(f"{p}.attn.qkv", m) for m in (att.q_proj, att.k_proj, att.v_proj)]
-        layers += [(f"{p}.attn.o", att.o_proj), (f"{p}.mlp.gate", mlp.gate_proj), (f"{p}.mlp.up", mlp.up_proj),
-                   (f"{p}.mlp.down", mlp.down_proj)]
-    layers.append(("lm_head", lm_head))
-    for i, layer in enumerate(vision.encoder.layers):
-        att, p = layer.self_attn, f"vision.layers.{i}"
-        layers += [(f"{p}.attn.qkv", m) for m in (att.q_proj, att.k_proj, att.v_proj)]
-        layers += [(f"{p}.attn.o", att.out_proj), (f"{p}.mlp.fc1", layer.mlp.fc1), (f"{p}.mlp.fc2", layer.mlp.fc2)]
-    layers += [("projector.linear_1", projector.linear_1), ("projector.linear_2", projector.linear_2)]
     done = 0
     with torch.no_grad():
-        for prefix, module in layers:
+        for prefix, modules in linear_groups(model, len(llava_modules(model)[0].encoder.layers)):
             if not scheme.applies(prefix):
                 continue
-            weight = module.weight.detach().float().numpy().T  # [K, N] as exported
-            check_shape(prefix, weight.shape[0], scheme)
-            stored, scale = quantize(weight, scheme)
-            restored = dequantize(stored, scale, weight.shape, scheme)
-            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(restored.T)).to(module.weight.dtype))
-            done += 1
+            for module in modules:
+                weight = module.weight.detach().float().numpy().T  # [K, N] as exported
+                check_shape(prefix, weight.shape[0], scheme)
+                restored = dequantize(*quantize(weight, scheme), weight.shape, scheme)
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(restored.T)).to(module.weight.dtype))
+                done += 1
     return done

@@ -30,6 +30,24 @@ def llava_modules(model):
     return vision, core.multi_modal_projector, core.language_model, model.lm_head
 
 
+def linear_groups(model, num_vision_layers: int) -> list[tuple[str, list]]:
+    """(canonical prefix, the nn.Linear modules fused under it) of every linear layer the graphs use, in export
+    order: the vision tower's first ``num_vision_layers`` layers, the projector, every decoder layer, the LM head."""
+    vision, projector, text, lm_head = llava_modules(model)
+    groups: list[tuple[str, list]] = []
+    for i, layer in enumerate(vision.encoder.layers[:num_vision_layers]):
+        p, att = f"vision.layers.{i}", layer.self_attn
+        groups += [(f"{p}.attn.qkv", [att.q_proj, att.k_proj, att.v_proj]), (f"{p}.attn.o", [att.out_proj]),
+                   (f"{p}.mlp.fc1", [layer.mlp.fc1]), (f"{p}.mlp.fc2", [layer.mlp.fc2])]
+    groups += [("projector.linear_1", [projector.linear_1]), ("projector.linear_2", [projector.linear_2])]
+    for i, layer in enumerate(text.layers):
+        p, att, mlp = f"text.layers.{i}", layer.self_attn, layer.mlp
+        groups += [(f"{p}.attn.qkv", [att.q_proj, att.k_proj, att.v_proj]), (f"{p}.attn.o", [att.o_proj]),
+                   (f"{p}.mlp.gate", [mlp.gate_proj]), (f"{p}.mlp.up", [mlp.up_proj]),  # two products, no Split
+                   (f"{p}.mlp.down", [mlp.down_proj])]
+    return groups + [("lm_head", [lm_head])]
+
+
 def collect_weights(model, dtype: np.dtype, num_vision_layers: int) -> dict[str, np.ndarray]:
     """Canonical-name -> array for every weight the three graphs use."""
     vision, projector, text, lm_head = llava_modules(model)
@@ -41,31 +59,16 @@ def collect_weights(model, dtype: np.dtype, num_vision_layers: int) -> dict[str,
     w["vision.pre_layrnorm.weight"] = _np(vision.pre_layrnorm.weight, dtype)
     w["vision.pre_layrnorm.bias"] = _np(vision.pre_layrnorm.bias, dtype)
     for i, layer in enumerate(vision.encoder.layers[:num_vision_layers]):
-        p = f"vision.layers.{i}"
         for ln_name, ln in (("ln1", layer.layer_norm1), ("ln2", layer.layer_norm2)):
-            w[f"{p}.{ln_name}.weight"] = _np(ln.weight, dtype)
-            w[f"{p}.{ln_name}.bias"] = _np(ln.bias, dtype)
-        att = layer.self_attn
-        _linear(f"{p}.attn.qkv", [att.q_proj, att.k_proj, att.v_proj], dtype, w)
-        _linear(f"{p}.attn.o", [att.out_proj], dtype, w)
-        _linear(f"{p}.mlp.fc1", [layer.mlp.fc1], dtype, w)
-        _linear(f"{p}.mlp.fc2", [layer.mlp.fc2], dtype, w)
-    _linear("projector.linear_1", [projector.linear_1], dtype, w)
-    _linear("projector.linear_2", [projector.linear_2], dtype, w)
-
+            w[f"vision.layers.{i}.{ln_name}.weight"] = _np(ln.weight, dtype)
+            w[f"vision.layers.{i}.{ln_name}.bias"] = _np(ln.bias, dtype)
     w["text.embed_tokens"] = _np(text.embed_tokens.weight, dtype)
     for i, layer in enumerate(text.layers):
-        p = f"text.layers.{i}"
-        w[f"{p}.input_norm.weight"] = _np(layer.input_layernorm.weight, dtype)
-        w[f"{p}.post_norm.weight"] = _np(layer.post_attention_layernorm.weight, dtype)
-        att = layer.self_attn
-        _linear(f"{p}.attn.qkv", [att.q_proj, att.k_proj, att.v_proj], dtype, w)
-        _linear(f"{p}.attn.o", [att.o_proj], dtype, w)
-        _linear(f"{p}.mlp.gate", [layer.mlp.gate_proj], dtype, w)
-        _linear(f"{p}.mlp.up", [layer.mlp.up_proj], dtype, w)
-        _linear(f"{p}.mlp.down", [layer.mlp.down_proj], dtype, w)
+        w[f"text.layers.{i}.input_norm.weight"] = _np(layer.input_layernorm.weight, dtype)
+        w[f"text.layers.{i}.post_norm.weight"] = _np(layer.post_attention_layernorm.weight, dtype)
     w["text.norm.weight"] = _np(text.norm.weight, dtype)
-    w["lm_head.weight"] = _np(lm_head.weight, dtype).T.copy()
+    for prefix, modules in linear_groups(model, num_vision_layers):
+        _linear(prefix, modules, dtype, w)
     return w
 
 
