@@ -30,7 +30,7 @@ def weight_matrix(graph: GraphBuilder, weights: dict, prefix: str) -> str:
     name = f"{prefix}.weight"
     if graph.quant is None or not graph.quant.applies(prefix):
         return graph.const(weights[name], name=name)
-    q_name, s_name, shape = graph.quantized(weights[name], name)
+    q_name, s_name, _ = graph.quantized(weights[name], name)
     if graph.quant.bits == 4:
         return graph.op("DequantizeLinear", [q_name, s_name], name="dequantize", axis=0,
                         block_size=graph.quant.block_size)

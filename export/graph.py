@@ -87,6 +87,11 @@ class WeightStore:
         self._handle.close()
 
 
+def _is_lazy(value) -> bool:
+    """A checkpoint weight read on demand (export/checkpoint.LazyWeight)."""
+    return hasattr(value, "load") and hasattr(value, "name")
+
+
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
 
@@ -151,7 +156,7 @@ class GraphBuilder:
         tensor_name = name or self.node_name("Constant").lstrip("/").replace("/", ".")
         if tensor_name in self._initializer_names:
             return tensor_name
-        if hasattr(value, "load") and hasattr(value, "name"):  # a LazyWeight
+        if _is_lazy(value):
             stored = self.weights.stored(tensor_name) if self.weights is not None else None
             if stored is not None:  # another graph wrote it already: reference it without reading it again
                 self.initializers.append(stored)
@@ -169,7 +174,7 @@ class GraphBuilder:
 
     def quantized(self, value, name: str) -> tuple[str, str, tuple[int, int]]:
         """(integers, scales, [K, N]) of a linear weight quantized with ``self.quant``, written once to weights.bin
-        under ``{name}.q`` and ``{name}.scale`` whichever graph asks first (a lazy checkpoint weight is read and
+        under ``{name}.q4``/``.q8`` and ``{name}.scale`` whichever graph asks first (a lazy checkpoint weight is read and
         quantized only then)."""
         from mllm_deploy.export import quantize as q
 
@@ -181,7 +186,7 @@ class GraphBuilder:
                 self.initializers += [stored, self.weights.stored(s_name)]
                 self._quantized_shapes[q_name] = tuple(stored.dims)
             else:
-                array = value.load() if hasattr(value, "load") and hasattr(value, "name") else np.asarray(value)
+                array = value.load() if _is_lazy(value) else np.asarray(value)
                 q.check_shape(name, array.shape[0], scheme)
                 self._quantized_shapes[q_name] = tuple(array.shape)
                 data, scale = q.quantize(array, scheme)

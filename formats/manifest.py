@@ -23,6 +23,7 @@ GRAPHS = ("vision", "prefill", "decode")  # the portable graphs: standard ONNX o
 ORT_GRAPHS = {"prefill": "prefill_ort", "decode": "decode_ort"}
 DTYPES = ("float32", "float16")  # the bundle's float type
 IO_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+QUANTIZED_DTYPES = ("int4", "int8")  # weights of --quantize bundles (export/quantize.py), never graph inputs
 KV_PARTS = ("key", "value")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KV_NAME = re.compile(r"^(past|present|new)\.(\d+)\.(key|value)$")

@@ -14,7 +14,7 @@ from typing import Any
 from mllm_deploy.core.errors import BundleError
 from mllm_deploy.core.hashing import sha256_file
 from mllm_deploy.core.jsonio import read_json
-from mllm_deploy.formats.manifest import bundle_graphs, check_manifest
+from mllm_deploy.formats.manifest import QUANTIZED_DTYPES, bundle_graphs, check_manifest
 
 
 
@@ -74,7 +74,7 @@ class Bundle:
             for entry in graph.get("external_initializers", []):
                 entries[entry["name"]] = entry
         return sum(e["length"] for name, e in entries.items()
-                   if e["dtype"] in ("int4", "int8") or name.endswith(".scale"))
+                   if e["dtype"] in QUANTIZED_DTYPES or name.endswith(".scale"))
 
     def weights_bytes(self) -> int:
         """Bytes of every file the graphs load (graphs and external weights), for memory estimates."""

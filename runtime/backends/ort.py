@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.core.errors import BundleError, DependencyError
-from mllm_deploy.formats.manifest import GRAPHS, ORT_GRAPHS, kv_in_place, parse_kv_name, present_name
+from mllm_deploy.formats.manifest import (GRAPHS, ORT_GRAPHS, QUANTIZED_DTYPES, kv_in_place, parse_kv_name,
+                                         present_name)
 from mllm_deploy.runtime.backends.base import NP_DTYPES, Runner
 
 
@@ -55,7 +56,7 @@ def shared_initializers(graph_dir: Path, entries: list[dict]) -> list[tuple[str,
     MatMulNBits' own packed copy when the session loads, so a shared mapping of them would only stay unused."""
     views = []
     for entry in entries:
-        if entry["dtype"] not in _NP_TYPES:
+        if entry["dtype"] in QUANTIZED_DTYPES:
             continue
         data = mapped_file(graph_dir / entry["file"])
         start, length = int(entry["offset"]), int(entry["length"])
@@ -128,7 +129,7 @@ class OrtRunner(Runner):
         # ONNX Runtime pre-packs. Always where the graph holds quantized weights: MatMulNBits without its packed
         # buffers falls back to a path ~100x slower (measured on the 7B-geometry int4 bundle: 16.6 s per decode
         # step instead of 0.12 s), and those integers are not shared through the mapping anyway
-        self.quantized = any(e["dtype"] in ("int4", "int8") for e in io.get("external_initializers", []))
+        self.quantized = any(e["dtype"] in QUANTIZED_DTYPES for e in io.get("external_initializers", []))
         self.pack = weights == "packed" or (weights == "fast" and name == "decode") or self.quantized
         self._shared_values: list = []
         self.custom_ops = list(custom_ops or [])
