@@ -119,6 +119,11 @@ def test_precision_plan():
     with pytest.raises(MllmError, match="strongly typed.*--dtype float16"):
         precision_plan("float32", 11, True)
     assert precision_plan("float16", 11, True).name == "float16"  # already FP16: nothing to lower
+    # quantized weights build strongly typed; --fp16's weakly typed network is refused rather than built wrong
+    assert precision_plan("float32", 10, False, quantized=True).strongly_typed
+    assert precision_plan("float16", 10, True, quantized=True).strongly_typed
+    with pytest.raises(MllmError, match="quantized weights"):
+        precision_plan("float32", 10, True, quantized=True)
 
 
 def test_plugin_graphs_need_the_library(bundles, tmp_path):

@@ -64,10 +64,16 @@ class BuildResult:
     plugins: Path | None = None
 
 
-def precision_plan(bundle_dtype: str, trt_major: int, fp16: bool) -> Precision:
-    """How to build a bundle of ``bundle_dtype`` on TensorRT ``trt_major`` (pure; see the module doc)."""
+def precision_plan(bundle_dtype: str, trt_major: int, fp16: bool, quantized: bool = False) -> Precision:
+    """How to build a bundle of ``bundle_dtype`` on TensorRT ``trt_major`` (pure; see the module doc). A bundle with
+    quantized weights (export-mllm --quantize) builds strongly typed, where TensorRT takes each DequantizeLinear's
+    INT4/INT8 type from its weights; --fp16's weakly typed network would need the quantized types' builder flags
+    on top, which this build does not set, so it is refused."""
     if bundle_dtype not in ("float32", "float16"):
         raise BundleError(f"bundle dtype {bundle_dtype!r} is neither float32 nor float16; re-export the bundle")
+    if quantized and fp16 and bundle_dtype == "float32":
+        raise MllmError("--fp16 does not lower a bundle with quantized weights (its network is built strongly typed):"
+                        " export it with --dtype float16 --quantize ... and build that bundle")
     if bundle_dtype == "float16":
         return Precision(True, False, "float16")
     if fp16 and trt_major >= 11:
@@ -113,7 +119,8 @@ def planned_keys(manifest: Mapping[str, Any], options: BuildOptions, *, tensorrt
         raise MllmError(f"--workspace must be at least 64 MB, got {options.workspace_mb}")
     from mllm_deploy.trt.env import tensorrt_major
 
-    precision = precision_plan(str(manifest["dtype"]), tensorrt_major(tensorrt), options.fp16)
+    precision = precision_plan(str(manifest["dtype"]), tensorrt_major(tensorrt), options.fp16,
+                               quantized=bool(manifest.get("quantization")))
     settings = profile_settings(manifest, PRESETS[options.preset], max_prompt_tokens=options.max_prompt_tokens,
                                 max_new_tokens=options.max_new_tokens, opt_image_start=options.opt_image_start)
     profiles = all_profiles(manifest, settings)
