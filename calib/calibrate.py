@@ -26,9 +26,17 @@ def calibrate(model: str, options: CommonOptions, log=print, cache_dir: str | No
     started = time.perf_counter()
     model_dir, spec = load_spec(model, cache_dir)
     run = CalibRun(model_dir, spec, log, {"tool": f"mllm-deploy {__version__}", "seed": options.seed})
+    pre = _pre_llm_stage(options, spec, method.name)
+    if pre is not None:  # the in-LLM method sees the model as the pre-LLM stage leaves it
+        run.spec, run.pre_llm = pre.llm_spec(spec), pre.pre_llm
+        run.provenance["pre_llm_recipe"] = str(options.pre_llm)
     recipe = method.calibrate(options, run)
+    if pre is not None:
+        recipe.model = replace(recipe.model, visual_tokens=spec.visual_tokens)
+        recipe.pre_llm = pre.pre_llm
+        recipe.method = {**recipe.method, "pre_llm": pre.method}
     if options.random_selection:
-        if recipe.method_name in ("dense", "mod"):
+        if recipe.method_name in ("dense", "mod", "cls", "dart", "eas"):
             raise MllmError(f"--random-selection needs a pruning method, not {recipe.method_name}")
         recipe.score = replace(recipe.score, combine="random", seed=options.seed)
         recipe.method = {**recipe.method, "selection": "random"}
@@ -44,3 +52,17 @@ def calibrate(model: str, options: CommonOptions, log=print, cache_dir: str | No
     recipe.provenance = provenance
     recipe.validate()
     return recipe
+
+
+def _pre_llm_stage(options: CommonOptions, spec, method: str) -> Recipe | None:
+    """The cls/dart recipe --pre-llm names (checked against the model), or None."""
+    if options.pre_llm is None:
+        return None
+    from mllm_deploy.formats.recipe import PRE_LLM_METHODS, load_recipe
+
+    if method in PRE_LLM_METHODS:
+        raise MllmError(f"--pre-llm composes a pre-LLM stage with an in-LLM method; --method {method} is itself one")
+    pre = load_recipe(options.pre_llm, spec)
+    if pre.method_name not in PRE_LLM_METHODS:
+        raise MllmError(f"--pre-llm {options.pre_llm} is a {pre.method_name} recipe; it must be a cls or dart recipe")
+    return pre

@@ -21,11 +21,16 @@ def _method_fields(options_class) -> list:
     return [f for f in fields(options_class) if f.name not in common]
 
 
-def _add_flags(parser, option_fields) -> None:
+def _add_flags(parser, option_fields, seen: set | None = None) -> None:
     """One flag per options field (flag, help and parser in the field's metadata; a bool is store_true).
-    Every flag defaults to None, "not given", so that the dataclass holds the one default."""
+    Every flag defaults to None, "not given", so that the dataclass holds the one default. A flag two methods
+    share (cls and dart's --keep, --ratio) is added once (``seen``)."""
     for f in option_fields:
         flag, help_text, parse = f.metadata["flag"], f.metadata["help"], f.metadata["parse"]
+        if seen is not None:
+            if flag in seen:
+                continue
+            seen.add(flag)
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
@@ -45,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, "Hugging Face LLaVA directory (config.json alone for static methods) or built-in name")
     p.add_argument("--method", required=True, choices=methods.names())
     _add_flags(p, fields(CommonOptions))
+    seen: set = set()
     for name in methods.names():
         options_class = methods.options_class(name)
         if options_class.cli_group is not None:
-            _add_flags(p.add_argument_group(options_class.cli_group), _method_fields(options_class))
+            _add_flags(p.add_argument_group(options_class.cli_group), _method_fields(options_class), seen)
     return p
 
 

@@ -44,6 +44,9 @@ class CommonOptions:
     skip_bad: bool = option(False, "--skip-bad", "skip bad data lines instead of stopping")
     seed: int = option(0, "--seed", parse=int)
     text_tokens: int = option(64, "--text-tokens", "text tokens assumed for the recipe's FLOPs figures", int)
+    pre_llm: str | None = option(
+        None, "--pre-llm",
+        "a cls or dart recipe.json: calibrate this method on the visual tokens it keeps; the recipe holds both stages")
     random_selection: bool = option(
         False, "--random-selection",
         "baseline: keep the method's token counts but a fixed random subset (seeded by --seed)")
@@ -86,17 +89,24 @@ class CalibRun:
     provenance the recipe records; loads the data and the weights only when a method asks."""
 
     model_dir: Path
-    spec: Any  # formats.geometry.ModelSpec
+    spec: Any  # formats.geometry.ModelSpec: as the language model sees it (fewer visual tokens under pre_llm)
     log: Callable[[str], None] = print
     provenance: dict[str, Any] = field(default_factory=dict)
+    pre_llm: Any = None  # formats.recipe.PreLlmStage the method is calibrated under (--pre-llm), or None
 
     def inputs(self, options: CommonOptions) -> list:
-        """The calibration samples as model inputs [(input_ids, pixel_values)], recorded in the provenance."""
+        """The calibration samples as model inputs [(input_ids, pixel_values)], recorded in the provenance; under
+        a pre_llm stage the image run of input_ids is cut to the tokens the language model sees."""
         from mllm_deploy.calib.data import data_hash, load_calibration_data
 
         samples = load_calibration_data(options.data, options.skip_bad, options.seed)
         self.provenance.update({"data": options.data, "data_sha256": data_hash(samples), "samples": len(samples)})
-        return model_inputs(self.model_dir, samples)
+        inputs = model_inputs(self.model_dir, samples)
+        if self.pre_llm is not None:
+            from mllm_deploy.calib.pre_llm_reference import shrink_image_run
+
+            inputs = [(shrink_image_run(ids, self.spec.image_token_id, self.pre_llm.keep), px) for ids, px in inputs]
+        return inputs
 
     def hf_model(self):
         from mllm_deploy.models.loading import load_hf_model
@@ -108,4 +118,5 @@ class CalibRun:
         from mllm_deploy.calib.reference import RecipeReference
         from mllm_deploy.formats.recipe import dense_recipe
 
-        return RecipeReference(self.hf_model() if model is None else model, dense_recipe(self.spec))
+        return RecipeReference(self.hf_model() if model is None else model, dense_recipe(self.spec),
+                                pre_llm=self.pre_llm)

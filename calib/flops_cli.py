@@ -68,13 +68,19 @@ def run(args: argparse.Namespace) -> int:
     cli.emit_json(args, {**report.to_dict(), "units": report.units, "text_tokens": args.text_tokens,
                          "visual_tokens": spec.visual_tokens, "prefix_tokens": args.prefix_tokens,
                          "num_layers": spec.text.num_layers, "method": recipe.method_name if recipe else "dense",
-                         "kv_dtype": args.kv_dtype, "kv_bytes": sum(report.kv_bytes_per_layer)}, indent=None)
+                         "kv_dtype": args.kv_dtype, "kv_bytes": sum(report.kv_bytes_per_layer),
+                         "llm_visual_tokens": recipe.llm_visual_tokens if recipe else spec.visual_tokens,
+                         "skip_attention": list(recipe.skip_attention) if recipe else []}, indent=None)
     if cli.json_to_stdout(args):
         return 0
     units = report.units
     kv = report.kv_bytes_per_layer
     print(f"formula:   {report.formula}")
-    print(f"tokens:    {args.text_tokens} text + {spec.visual_tokens} visual, {spec.text.num_layers} layers")
+    stage = (f" ({recipe.llm_visual_tokens} enter the language model after {recipe.pre_llm.method})"
+             if recipe is not None and recipe.pre_llm is not None else "")
+    print(f"tokens:    {args.text_tokens} text + {spec.visual_tokens} visual{stage}, {spec.text.num_layers} layers")
+    if recipe is not None and recipe.skip_attention:
+        print(f"attention: removed in layers {', '.join(map(str, recipe.skip_attention))} (no KV there)")
     print(f"dense:     {_human(report.dense)}{units} ({report.dense:.6g})")
     label = recipe.method_name if recipe is not None else "dense"
     print(f"recipe:    {_human(report.recipe)}{units} ({report.recipe:.6g}) [{label}]")

@@ -24,6 +24,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "vtw": ("vtw:VtwOptions", "vtw:calibrate_vtw"),
     "fitprune": ("fitprune:FitPruneOptions", "fitprune:calibrate_fitprune"),
     "mod": ("mod:ModOptions", "mod:calibrate_mod"),
+    "cls": ("pre_llm:ClsOptions", "pre_llm:calibrate_cls"),
+    "dart": ("pre_llm:DartOptions", "pre_llm:calibrate_dart"),
+    "eas": ("eas:EasOptions", "eas:calibrate_eas"),
 }
 
 

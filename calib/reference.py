@@ -27,13 +27,21 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], N
 
 
 class RecipeReference:
-    def __init__(self, model, recipe: Recipe, routers: dict | None = None):
+    def __init__(self, model, recipe: Recipe, routers: dict | None = None, pre_llm=None):
         """``routers``: MoD linear routers by layer (formats/routers.LinearRouter); by default a MoD
-        recipe's own (its in-memory tensors or its router file)."""
+        recipe's own (its in-memory tensors or its router file). ``pre_llm``: a PreLlmStage applied before the
+        language model when ``recipe`` (the in-LLM part, calibrated under it) has none of its own."""
         self.model = model.eval()
+        self.full_recipe = recipe
+        self.pre_llm = recipe.pre_llm if recipe.pre_llm is not None else pre_llm
+        recipe = recipe.llm_recipe()  # the layers below see the visual tokens the language model gets
         self.recipe = recipe
         self.stack = TextStack(self.model)
         self.text = self.stack.text
+        self.skipped = set(recipe.skip_attention)  # EAS: layers run their MLP only and cache nothing
+        self.mlps = {l: layer.mlp for l, layer in enumerate(self.text.layers)}
+        if recipe.pia:
+            self.mlps.update(folded_mlps(self.text, recipe))
         self._mod_executor = None
         if recipe.is_mod:
             from mllm_deploy.formats.routers import recipe_routers
@@ -44,7 +52,21 @@ class RecipeReference:
 
     # ---- pieces ------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.stack.image_features(pixel_values)  # [1, N, d]
+        """[1, N, d], or the pre_llm stage's [1, keep, d] (calib/pre_llm.py)."""
+        features = self.stack.image_features(pixel_values)
+        if self.pre_llm is None:
+            return features
+        from mllm_deploy.calib.pre_llm_reference import select_features
+
+        return select_features(self.model, self.pre_llm, pixel_values, features)[0]
+
+    def language_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt as the language model sees it: the image run cut to the pre_llm stage's ``keep``."""
+        if self.pre_llm is None:
+            return input_ids
+        from mllm_deploy.calib.pre_llm_reference import shrink_image_run
+
+        return shrink_image_run(input_ids, self.stack.image_token_id, self.pre_llm.keep)
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self.stack.embed(input_ids, features)
@@ -66,6 +88,11 @@ class RecipeReference:
         mlp_tokens = recipe.mlp_visual_tokens()
         layers = self.text.layers if stop_after is None else self.text.layers[:stop_after]
         for l, layer in enumerate(layers):
+            if l in self.skipped:  # no attention: nothing cached (recipes with skips prune nothing in the LLM)
+                state.cache.append(None)
+                state.kept.append(None)
+                x = x + self.mlps[l](layer.post_attention_layernorm(x))
+                continue
             want = recipe.visual_tokens[l]
             if recipe.prune_stage == "layer_input" and want < n_vis:
                 if want == 0:
@@ -103,7 +130,7 @@ class RecipeReference:
                 x, positions = select_rows(x, positions, vis_start, n_vis, keep_vis)
                 n_vis = mlp_tokens[l]
             x = x + layer.self_attn.o_proj(ctx)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self.mlps[l](layer.post_attention_layernorm(x))
         if stop_after is not None:
             return x, state
         return stack.last_logits(x), state
@@ -118,18 +145,22 @@ class RecipeReference:
         x = self.text.embed_tokens(torch.tensor([[token]]))
         pos = torch.tensor([position])
         for l, layer in enumerate(self.text.layers):
+            if l in self.skipped:
+                x = x + self.mlps[l](layer.post_attention_layernorm(x))
+                continue
             q, k, v = stack.project(layer, layer.input_layernorm(x), pos)
             past_k, past_v = state.cache[l]
             k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             state.cache[l] = (k_all, v_all)
             state.kept[l] = torch.cat([state.kept[l], pos])
             x = x + layer.self_attn.o_proj(stack.attend(q, k_all, v_all, pos, state.kept[l]))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self.mlps[l](layer.post_attention_layernorm(x))
         return stack.last_logits(x)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
                  eos_ids: set[int] = frozenset()) -> list[int]:
+        input_ids = self.language_input_ids(input_ids)
         logits, state = self.prefill(input_ids, self.image_features(pixel_values))
         tokens: list[int] = []
         for step in range(max_new_tokens):
@@ -139,3 +170,24 @@ class RecipeReference:
                 break
             logits = self.decode(token, state.prompt_len + step, state)
         return tokens
+
+
+def folded_mlps(text, recipe) -> dict:
+    """Copies of the skipped layers' MLPs with the recipe's stand-in (formats/pia.py) folded into their weights."""
+    import copy
+
+    from mllm_deploy.formats.pia import fold, recipe_pia
+
+    out = {}
+    for l, (a, e) in recipe_pia(recipe).items():
+        mlp = copy.deepcopy(text.layers[l].mlp)
+
+        def io(linear):  # nn.Linear keeps [out, in]; fold works on [in, out]
+            return linear.weight.detach().float().numpy().T
+
+        gate, up, down = fold(io(mlp.gate_proj), io(mlp.up_proj), io(mlp.down_proj), a, e)
+        with torch.no_grad():
+            for linear, value in ((mlp.gate_proj, gate), (mlp.up_proj, up), (mlp.down_proj, down)):
+                linear.weight.copy_(torch.from_numpy(value.T.copy()).to(linear.weight.dtype))
+        out[l] = mlp
+    return out

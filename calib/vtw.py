@@ -31,7 +31,7 @@ def calibrate_vtw(options: VtwOptions, run: CalibRun) -> Recipe:
     model = run.hf_model()
     bar = progress(len(inputs), "vtw KL search")
     try:
-        curve = kl_curve(model, spec, inputs, options.first_layer, progress=lambda: bar.update(1))
+        curve = kl_curve(model, spec, inputs, options.first_layer, progress=lambda: bar.update(1), pre_llm=run.pre_llm)
     finally:
         bar.close()
     layer = choose_layer(curve, options.eta, spec.text.num_layers)
@@ -63,12 +63,13 @@ def candidate_layers(num_layers: int, first: int = 5) -> list[int]:
     return list(range(start, num_layers))
 
 
-def kl_curve(model, spec, inputs: list, first_layer: int = 5, progress=None) -> dict[int, float]:
-    """Mean KL(p_k || p_full) over the samples for each candidate withdrawal layer."""
+def kl_curve(model, spec, inputs: list, first_layer: int = 5, progress=None, pre_llm=None) -> dict[int, float]:
+    """Mean KL(p_k || p_full) over the samples for each candidate withdrawal layer (``pre_llm``: the stage the
+    visual tokens went through first, calib-mllm --pre-llm)."""
     from mllm_deploy.formats.recipe import dense_recipe
     from mllm_deploy.calib.reference import RecipeReference
 
-    dense = RecipeReference(model, dense_recipe(spec))
+    dense = RecipeReference(model, dense_recipe(spec), pre_llm=pre_llm)
     layers = candidate_layers(spec.text.num_layers, first_layer)
     references = {k: RecipeReference(model, vtw_recipe_at(spec, k)) for k in layers}
     totals = {k: 0.0 for k in layers}

@@ -142,11 +142,11 @@ def _graphs(spec: ModelSpec, weights: dict, dtype: str, opset: int, out_dir: Pat
             bar.label = f"weights ({name} graph)"
             g = GraphBuilder(name, opset, store, target=target, quant=quant)
             if role == "vision":
-                build_vision_graph(g, spec, weights, ft)
+                build_vision_graph(g, spec, weights, ft, recipe.pre_llm, routing)
             elif role == "prefill":
-                build_prefill_graph(g, spec, weights, rope, ft, recipe, routing)
+                build_prefill_graph(g, spec, weights, rope, ft, recipe.llm_recipe(), routing)
             else:
-                build_decode_graph(g, spec, weights, rope, ft)
+                build_decode_graph(g, spec, weights, rope, ft, recipe.skip_attention)
             model = g.make_model()
             file_name = f"{role}.onnx" if target == "portable" else f"{role}.ort.onnx"
             onnx.save(model, out_dir / file_name)
@@ -209,6 +209,14 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     from mllm_deploy.formats.recipe import dense_recipe, load_recipe
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
+    if recipe.pia and options.quantize:
+        raise MllmError("--quantize with an EAS recipe holding a fitted stand-in (pia) is not supported yet: the"
+                        " stand-in folds into float weights; export it unquantized or calibrate without --pia")
+    if recipe.pre_llm is not None and spec.vision_feature_select_strategy != "default":
+        raise UnsupportedModelError(f"a {recipe.pre_llm.method} pre-LLM selection ranks patch tokens: it needs"
+                                    " vision_feature_select_strategy 'default' (the [CLS] token dropped), this model"
+                                    f" uses {spec.vision_feature_select_strategy!r}")
+    spec = recipe.llm_spec(spec)  # from here on: the model as its language model sees it (the tower is spec.tower())
     if options.quant_scheme() is not None:
         from mllm_deploy.export.quantize import check_geometry
 
@@ -273,6 +281,10 @@ def _write_bundle(tmp: Path, model: str, model_dir: Path, spec: ModelSpec, recip
                                    vision_layers_used(spec), spec.text.tie_word_embeddings)
     else:  # a checkpoint in another format (pytorch_model.bin): from the loaded model
         weights = collect_weights(hf_model, DTYPES[options.dtype], vision_layers_used(spec))
+    if recipe.pia:  # EAS's stand-in for the removed attention, folded into those layers' FFN weights
+        from mllm_deploy.formats.pia import FoldedWeights, recipe_pia
+
+        weights = FoldedWeights(weights, recipe_pia(recipe))
     scheme = options.quant_scheme()
     graphs = _graphs(spec, weights, options.dtype, options.resolved_opset, tmp, recipe, options.routing,
                      options.ort_graphs, scheme)

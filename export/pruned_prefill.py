@@ -53,7 +53,13 @@ class PrefillBuilder:
         self._rope_constants()
         with graph.scope("model"):
             tokens = self._embed()
+            skipped = set(self.recipe.skip_attention)
             for layer in range(self.text.num_layers):
+                if layer in skipped:  # EAS: no attention, no KV; the recipe prunes nothing around it
+                    with graph.scope(f"layers.{layer}"):
+                        tokens = replace(tokens, hidden=text_graphs.layer_mlp_only(
+                            graph, self.spec, self.weights, layer, tokens.hidden, self.float_type))
+                    continue
                 with graph.scope(f"layers.{layer}"):
                     tokens = self._route_at_input(layer, tokens)
                     q, k, ctx = self._attention(layer, tokens)

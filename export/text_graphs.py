@@ -112,6 +112,13 @@ def layer_finish(graph: GraphBuilder, spec: ModelSpec, weights: dict, layer: int
     return graph.op("Add", [x, mlp])
 
 
+def layer_mlp_only(graph: GraphBuilder, spec: ModelSpec, weights: dict, layer: int, x: str, float_type: int) -> str:
+    """A layer whose attention is skipped (EAS): x + MLP(post_norm(x)); it reads and writes no KV."""
+    hidden = blocks.rms_norm(graph, x, f"text.layers.{layer}.post_norm.weight", weights, spec.text.rms_norm_eps,
+                             float_type, "post_attention_layernorm")
+    return graph.op("Add", [x, _mlp(graph, spec, weights, layer, hidden, float_type)])
+
+
 def decoder_layer_decode(graph: GraphBuilder, spec: ModelSpec, weights: dict, layer: int, x: str, cos: str, sin: str,
                          past_key: str, past_value: str, past_len: str, float_type: int):
     """One decoder layer for one new token against the layer's static cache buffer."""
@@ -165,12 +172,15 @@ def rope_gather(graph: GraphBuilder, tables: tuple[str, str], positions: str) ->
 
 
 def build_decode_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, rope: tuple[np.ndarray, np.ndarray],
-                       float_type: int) -> None:
+                       float_type: int, skip_attention: tuple[int, ...] | list[int] = ()) -> None:
+    """``skip_attention``: layers without attention (EAS): no past inputs, no new entries, MLP only."""
     text = spec.text
+    skipped = set(skip_attention)
     ids = graph.input("input_ids", TensorProto.INT64, [1, 1])
     positions = graph.input("position_ids", TensorProto.INT64, [1, 1])
     past_lengths = graph.input("past_lengths", TensorProto.INT64, [text.num_layers])
     past = [
+        None if layer in skipped else
         tuple(graph.input(past_name(layer, part), float_type,
                           [1, text.num_kv_heads, f"past_len_{layer}", text.head_dim]) for part in ("key", "value"))
         for layer in range(text.num_layers)
@@ -184,6 +194,10 @@ def build_decode_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, rope
         cos, sin = rope_gather(graph, tables, positions)  # [1, 1, Dh]
         cos, sin = graph.unsqueeze(cos, [1]), graph.unsqueeze(sin, [1])  # [1, 1, 1, Dh]
         for layer in range(text.num_layers):
+            if past[layer] is None:
+                with graph.scope(f"layers.{layer}"):
+                    x = layer_mlp_only(graph, spec, weights, layer, x, float_type)
+                continue
             past_len = graph.slice(past_lengths, graph.ints([layer]), graph.ints([layer + 1]), axes=[0])
             past_key, past_value = past[layer]
             x, k, v = decoder_layer_decode(graph, spec, weights, layer, x, cos, sin, past_key, past_value, past_len,
@@ -208,6 +222,16 @@ def _build_fused_decode(graph: GraphBuilder, spec: ModelSpec, weights: dict, rop
         lengths = ort_fused.decode_lengths(graph, past_lengths, text.num_layers)
         delta = None  # the MLP output not yet added to the residual stream
         for layer in range(text.num_layers):
+            if past[layer] is None:  # attention skipped (EAS): the pending MLP output joins before this MLP
+                with graph.scope(f"layers.{layer}"):
+                    post = f"text.layers.{layer}.post_norm.weight"
+                    if delta is None:
+                        hidden = blocks.rms_norm(graph, x, post, weights, eps, float_type, "post_attention_layernorm")
+                    else:
+                        hidden, x = blocks.residual_rms_norm(graph, x, delta, post, weights, eps, float_type,
+                                                             "post_attention_layernorm")
+                    delta = _mlp(graph, spec, weights, layer, hidden, float_type)
+                continue
             with graph.scope(f"layers.{layer}"):
                 norm = f"text.layers.{layer}.input_norm.weight"
                 if delta is None:

@@ -43,8 +43,8 @@ def recipe_reference(model, recipe, input_ids: np.ndarray, pixels: np.ndarray, s
         out["image_features"] = features.float().numpy()
         logits, state = reference.prefill(torch.from_numpy(input_ids), features)
         out["prefill.logits"] = logits.numpy()
-        for l, (key, _value) in enumerate(state.cache):
-            out[f"kv_len.{l}"] = np.array([key.shape[2]], dtype=np.float64)
+        for l, entry in enumerate(state.cache):  # None: a layer without attention (EAS) caches nothing
+            out[f"kv_len.{l}"] = np.array([0 if entry is None else entry[0].shape[2]], dtype=np.float64)
         for step in range(steps):
             token = int(logits.argmax(-1))
             logits = reference.decode(token, input_ids.shape[1] + step, state)

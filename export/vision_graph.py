@@ -1,4 +1,7 @@
-"""vision.onnx: pixel_values [1, 3, H, W] -> image_features [1, N, d] (CLIP tower + projector)."""
+"""vision.onnx: pixel_values [1, 3, H, W] -> image_features [1, N, d] (CLIP tower + projector).
+
+With a recipe's ``pre_llm`` stage (export/pre_llm.py) the graph keeps ``keep`` of the N tokens and outputs
+image_features [1, keep, d] and ``pre_llm.kept`` [keep]."""
 
 from __future__ import annotations
 
@@ -15,8 +18,15 @@ def vision_layers_used(spec: ModelSpec) -> int:
     return layer if layer >= 0 else spec.vision.num_layers + 1 + layer
 
 
-def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, float_type: int) -> None:
+def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, float_type: int, pre_llm=None,
+                       routing_name: str = "native") -> None:
+    """``spec``: the model as published (the tower's N tokens); ``pre_llm``: a recipe's PreLlmStage or None."""
+    from mllm_deploy.export import pre_llm as selection
+    from mllm_deploy.export.routing import routing_by_name
+
+    spec = spec.tower()
     vision = spec.vision
+    probs = None
     dtype = blocks.NP_FLOAT[float_type]
     heads, head_dim = vision.num_heads, vision.hidden_size // vision.num_heads
     pixels = graph.input("pixel_values", float_type, [1, vision.num_channels, vision.image_size, vision.image_size])
@@ -57,8 +67,17 @@ def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, floa
                     x = graph.op("Add", [x, blocks.linear(graph, hidden, weights, f"{prefix}.mlp.fc2", "fc2")])
         if spec.vision_feature_select_strategy == "default":  # drop the CLS position
             x = graph.slice(x, graph.ints([1]), graph.ints([np.iinfo(np.int64).max]), axes=[1])
+    n, kept = spec.visual_tokens, spec.visual_tokens
+    if pre_llm is not None and pre_llm.method == "cls":  # select before the projector (it works per token)
+        x = selection.select(graph, routing_by_name(routing_name), selection.cls_scores(graph, probs, float_type), x,
+                             n, pre_llm.keep)
+        kept = pre_llm.keep
     with graph.scope("projector"):
         x = blocks.linear(graph, x, weights, "projector.linear_1", "linear_1")
         x = blocks.activation(graph, x, spec.projector_hidden_act, float_type)
         x = blocks.linear(graph, x, weights, "projector.linear_2", "linear_2")
-    graph.output(x, "image_features", float_type, [1, spec.visual_tokens, spec.text.hidden_size])
+    if pre_llm is not None and pre_llm.method == "dart":  # DART ranks the projected features (embedding level)
+        x = selection.select(graph, routing_by_name(routing_name), selection.dart_scores(graph, x, n, pre_llm, float_type),
+                             x, n, pre_llm.keep)
+        kept = pre_llm.keep
+    graph.output(x, "image_features", float_type, [1, kept, spec.text.hidden_size])

@@ -12,7 +12,9 @@ Three formulas, registered by name so that more can be added:
   its budgets.
 
 Norms, softmax and elementwise ops are not matrix products and are not counted; the vision
-tower and projector are not part of the prefill graph either. Nothing heavy is imported:
+tower and projector are not part of the prefill graph either. A recipe's ``pre_llm`` stage (cls, dart) shows
+as fewer visual tokens in every layer (its own ranking: DART's pivot similarities, 2·pivots·N·d, counted in
+``exact``; the projector it spares for cls is not); ``skip_attention`` layers (EAS) count their MLP only. Nothing heavy is imported:
 flops-mllm runs on a machine with no torch.
 """
 
@@ -40,6 +42,8 @@ class TokenPlan:
     mlp_visual_tokens: list[int]  # seen by layer l's o_proj and MLP
     rankings: list[tuple[int, int, int, bool]]
     routers: tuple[tuple[int, int, int], ...] = ()  # MoD linear routers: (layer, visual tokens scored, outputs)
+    attention_skipped: tuple[int, ...] = ()  # EAS: layers without attention (no QKV, scores or o_proj; no KV)
+    pre_llm_flops: float = 0.0  # the pre-LLM selection's own products (DART's cosine similarities)
 
 
 @dataclass
@@ -73,12 +77,21 @@ class Formula:
 
 # ---- plans ------------------------------------------------------------------------------------
 def dense_plan(spec: ModelSpec) -> TokenPlan:
-    n = spec.visual_tokens
+    n = spec.tower().visual_tokens
     return TokenPlan([n] * spec.text.num_layers, [n] * spec.text.num_layers, [])
 
 
 def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int = 0) -> TokenPlan:
     """Token counts per layer, and where the ranking products happen, for a recipe."""
+    from dataclasses import replace
+
+    extra = {"attention_skipped": tuple(recipe.skip_attention)}
+    if recipe.pre_llm is not None and recipe.pre_llm.method == "dart":
+        extra["pre_llm_flops"] = 2.0 * recipe.pre_llm.pivots * spec.tower().visual_tokens * spec.text.hidden_size
+    return replace(_llm_plan(spec, recipe.llm_recipe(), text_tokens, prefix_tokens), **extra)
+
+
+def _llm_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int) -> TokenPlan:
     if recipe.is_mod:
         return mod_plan(spec, recipe, text_tokens, prefix_tokens)
     attention = list(recipe.visual_tokens)
@@ -89,7 +102,7 @@ def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens
         # Candidates are the visual tokens present just before the selection: layer_input
         # methods select among the previous layer's tokens, after_attention among layer l's.
         if recipe.prune_stage == "layer_input":
-            candidates = attention[l - 1] if l > 0 else spec.visual_tokens
+            candidates = attention[l - 1] if l > 0 else recipe.llm_visual_tokens
         else:
             candidates = attention[l]
         if mlp[l] == 0 or recipe.score.combine == "random":
@@ -114,7 +127,7 @@ def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: i
     processed = list(recipe.visual_tokens)
     routed = recipe.mod_layers
     if recipe.mod.router != "attention":
-        return TokenPlan(processed, processed, [], tuple((l, spec.visual_tokens, 1) for l in routed))
+        return TokenPlan(processed, processed, [], tuple((l, recipe.llm_visual_tokens, 1) for l in routed))
     after = text_tokens - prefix_tokens
     rows = {"last_text": 1, "text": after, "visual_and_text": None}[recipe.score.query_rows]
     if rows is None:
@@ -127,13 +140,15 @@ def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: i
 def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     t = spec.text
     d, heads, kv_heads, head_dim, inter = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
-    total = 0
-    for visual, mlp_visual in zip(plan.visual_tokens, plan.mlp_visual_tokens):
+    total = plan.pre_llm_flops
+    skipped = set(plan.attention_skipped)
+    for layer, (visual, mlp_visual) in enumerate(zip(plan.visual_tokens, plan.mlp_visual_tokens)):
         n = text_tokens + visual
         m = text_tokens + mlp_visual
-        total += 2 * n * d * (heads + 2 * kv_heads) * head_dim  # fused QKV projection
-        total += 2 * 2 * heads * n * n * head_dim  # Q·Kᵀ and probs·V (GQA broadcasts KV, H products)
-        total += 2 * m * heads * head_dim * d  # o_proj
+        if layer not in skipped:
+            total += 2 * n * d * (heads + 2 * kv_heads) * head_dim  # fused QKV projection
+            total += 2 * 2 * heads * n * n * head_dim  # Q·Kᵀ and probs·V (GQA broadcasts KV, H products)
+            total += 2 * m * heads * head_dim * d  # o_proj
         total += 2 * m * d * inter * 3  # SwiGLU: gate, up, down
     for _layer, rows, keys, projects in plan.rankings:
         total += 2 * heads * rows * keys * head_dim  # ranking rows against all keys (softmax needs them all)
@@ -149,9 +164,10 @@ def _fastv_eq5(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     # Paper's C(n) = 4nd² + 2n²d + 2ndm per layer; summing per layer equals K·C(n) + (L−K)·C(n̂).
     d, m = spec.text.hidden_size, spec.text.intermediate_size
     total = 0
-    for visual in plan.visual_tokens:
+    for layer, visual in enumerate(plan.visual_tokens):
         n = text_tokens + visual
-        total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+        attention = 0 if layer in plan.attention_skipped else 4 * n * d * d + 2 * n * n * d
+        total += attention + 2 * n * d * m
     return float(total)
 
 
@@ -163,8 +179,8 @@ def fitprune_layer_macs(d: int, m: int, n_in: int, n_out: int) -> float:
 
 def _fitprune_macs(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     d, m = spec.text.hidden_size, spec.text.intermediate_size
-    return float(sum(fitprune_layer_macs(d, m, n, n_after)
-                     for n, n_after in zip(plan.visual_tokens, plan.mlp_visual_tokens)))
+    return float(sum(3 * n_after * d * m if layer in plan.attention_skipped else fitprune_layer_macs(d, m, n, n_after)
+                     for layer, (n, n_after) in enumerate(zip(plan.visual_tokens, plan.mlp_visual_tokens))))
 
 
 FORMULAS: dict[str, Formula] = {
@@ -175,10 +191,12 @@ FORMULAS: dict[str, Formula] = {
 
 
 # ---- entry point ------------------------------------------------------------------------------
-def kv_bytes_per_layer(spec: ModelSpec, visual_tokens: list[int], text_tokens: int, kv_dtype_bytes: int = 2) -> list[int]:
-    """K and V cache bytes each layer holds after prefill (each layer caches what it processed)."""
+def kv_bytes_per_layer(spec: ModelSpec, visual_tokens: list[int], text_tokens: int, kv_dtype_bytes: int = 2,
+                       skipped: tuple[int, ...] | list[int] = ()) -> list[int]:
+    """K and V cache bytes each layer holds after prefill (each layer caches what it processed; a layer whose
+    attention is skipped, none)."""
     per_token = 2 * spec.text.num_kv_heads * spec.text.head_dim * kv_dtype_bytes
-    return [per_token * (text_tokens + n) for n in visual_tokens]
+    return [0 if l in skipped else per_token * (text_tokens + n) for l, n in enumerate(visual_tokens)]
 
 
 def prefill_cost(
@@ -204,6 +222,7 @@ def prefill_cost(
     if kv_dtype_bytes <= 0:
         raise MllmError(f"kv_dtype_bytes must be positive, got {kv_dtype_bytes!r}")
     chosen = FORMULAS[formula]
+    spec = spec.tower()  # the dense baseline is the published model; a recipe's pre_llm stage is in its plan
     dense = chosen.cost(spec, dense_plan(spec), text_tokens)
     if recipe is None:
         plan = dense_plan(spec)
@@ -216,6 +235,7 @@ def prefill_cost(
         dense=dense,
         recipe=cost,
         reduction=1.0 - cost / dense if dense else 0.0,
-        kv_bytes_per_layer=kv_bytes_per_layer(spec, plan.visual_tokens, text_tokens, kv_dtype_bytes),
+        kv_bytes_per_layer=kv_bytes_per_layer(spec, plan.visual_tokens, text_tokens, kv_dtype_bytes,
+                                              plan.attention_skipped),
         units=chosen.units,
     )

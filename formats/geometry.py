@@ -117,14 +117,31 @@ class ModelSpec:
     projector_hidden_act: str
     projector_bias: bool
     fingerprint: str  # sha256 of the canonical text config (the recipe's model fingerprint)
+    # A recipe that prunes before the LLM (cls, dart: formats/recipe.PreLlmStage) gives the language model fewer
+    # visual tokens than the tower makes: this spec is then "the model as its prefill and decode graphs see it".
+    # Not part of the geometry (the fingerprint) and absent from to_dict() when None.
+    llm_visual_tokens: int | None = None
 
     @property
-    def visual_tokens(self) -> int:
+    def tower_visual_tokens(self) -> int:
+        """Visual tokens the vision tower and projector make per image."""
         extra = 0 if self.vision_feature_select_strategy == "default" else 1
         return self.vision.num_patches + extra
 
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens in the language model's prompt: the tower's, or fewer after a pre-LLM selection."""
+        return self.tower_visual_tokens if self.llm_visual_tokens is None else self.llm_visual_tokens
+
+    def tower(self) -> "ModelSpec":
+        """The spec without a pre-LLM selection (the model as published)."""
+        return replace(self, llm_visual_tokens=None) if self.llm_visual_tokens is not None else self
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["llm_visual_tokens"] is None:
+            del d["llm_visual_tokens"]
+        return d
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -328,7 +345,7 @@ def geometry_fingerprint(spec: ModelSpec) -> str:
     """sha256 of the geometry as transformers resolves it (every field, defaults filled), so a hub config, its
     save_pretrained() copy and a hand-filled config of the same model get one fingerprint; names, dtypes and
     other fields that do not change the graphs do not enter it."""
-    fields = {key: value for key, value in spec.to_dict().items() if key != "fingerprint"}
+    fields = {key: value for key, value in spec.to_dict().items() if key not in ("fingerprint", "llm_visual_tokens")}
     return sha256_text(canonical_json(fields))
 
 

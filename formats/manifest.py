@@ -60,13 +60,13 @@ def route_names(layer: int) -> tuple[str, str]:
     return f"route.{layer}.scores", f"route.{layer}.kept"
 
 
-def graph_io(num_layers: int) -> dict[str, tuple[set[str], set[str]]]:
+def graph_io(num_layers: int, skip_attention=()) -> dict[str, tuple[set[str], set[str]]]:
     """Per graph: the exact inputs the runtime feeds and the outputs it reads (a graph may output more). The
     onnxruntime decode writes each new entry into its past buffer in place: its ``present.{l}.*`` outputs are
     those buffers (bound as input and output), where the portable decode returns ``new.{l}.*`` for the runtime
-    to write."""
+    to write. Layers in ``skip_attention`` (EAS) have no KV: no tensors of theirs."""
     def kv(name) -> set[str]:
-        return {name(layer, part) for layer in range(num_layers) for part in KV_PARTS}
+        return {name(layer, part) for layer in range(num_layers) if layer not in skip_attention for part in KV_PARTS}
 
     decode_inputs = {"input_ids", "position_ids", "past_lengths"} | kv(past_name)
     return {
@@ -179,15 +179,16 @@ def _check_recipe(manifest: dict) -> None:
     except MllmError as exc:
         raise BundleError(f"manifest.json recipe: {exc}") from None
     model = manifest["model"]
-    if recipe.num_layers != model["text"]["num_layers"] or recipe.model.visual_tokens != model["visual_tokens"]:
-        raise BundleError(f"manifest.json recipe is for {recipe.num_layers} layers and {recipe.model.visual_tokens}"
+    if recipe.num_layers != model["text"]["num_layers"] or recipe.llm_visual_tokens != model["visual_tokens"]:
+        raise BundleError(f"manifest.json recipe is for {recipe.num_layers} layers and {recipe.llm_visual_tokens}"
                           f" visual tokens, the model has {model['text']['num_layers']} and {model['visual_tokens']}")
 
 
 def _check_graphs(manifest: dict) -> None:
     graphs = _object(manifest, "graphs")
     text = manifest["model"]["text"]
-    expected = graph_io(text["num_layers"])
+    recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
+    expected = graph_io(text["num_layers"], set(recipe.get("skip_attention", [])))
     for graph in bundle_graphs(manifest):
         entry = graphs.get(graph)
         if not isinstance(entry, dict):

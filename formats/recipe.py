@@ -19,6 +19,16 @@ so it need not be monotonic, and the ``mod`` block (:class:`ModBlock`) names the
 router and the skipped-token rule. Routers with weights live in a safetensors file next to the recipe
 (``mod.router_file``, its sha256 in ``mod.router_sha256``), written by :func:`save_recipe`.
 
+Two more stages compose with any of the above (``docs/pre_llm_and_eas.md``):
+
+- ``pre_llm`` (:class:`PreLlmStage`): visual tokens chosen *before* the language model, in the vision graph
+  (FasterVLM's [CLS] attention, DART's duplication at the embedding level). The language model then sees
+  ``pre_llm.keep`` visual tokens at contiguous positions, as the authors' code feeds them, and ``visual_tokens``
+  counts within those (:attr:`Recipe.llm_visual_tokens`; :meth:`Recipe.llm_recipe` is the in-LLM part alone).
+- ``skip_attention`` (EAS): layers whose multi-head attention is removed (the FFN stays); they hold no KV cache.
+  ``pia`` records the training-free stand-in for the removed attention folded into those layers' FFN weights
+  (its tensors in a safetensors file beside the recipe, like MoD routers).
+
 ``method`` stays an object: its name (:attr:`Recipe.method_name`, :attr:`Recipe.is_mod`) and the
 method's parameters, a record for people that no code branches on.
 """
@@ -31,10 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from mllm_deploy.core.errors import RecipeError
+from mllm_deploy.formats.recipe_blocks import (  # noqa: F401 - re-exported
+    ModBlock, PreLlmStage, _is_int, _is_number, check_field_types)
 from mllm_deploy.formats.routers import MOD_ROUTER_INPUTS, MOD_SELECTED_SCALES  # noqa: F401 - part of the vocabulary
 
 RECIPE_SCHEMA = "mllm-deploy/recipe@1"
-METHODS = ("dense", "fastv", "pdrop", "vtw", "fitprune", "mod")
+METHODS = ("dense", "fastv", "pdrop", "vtw", "fitprune", "mod", "cls", "dart", "eas")
+PRE_LLM_METHODS = ("cls", "dart")  # selection before the language model (PreLlmStage)
 PRUNE_STAGES = ("layer_input", "after_attention")
 QUERY_ROWS = ("last_text", "text", "visual_and_text")
 HEAD_REDUCTIONS = ("mean", "max")
@@ -56,63 +69,6 @@ class ScoreSpec:
 
 
 @dataclass(frozen=True)
-class ModBlock:
-    """The ``mod`` block of a mixture-of-depths recipe (docs/mod.md); JSON keys are the field names."""
-
-    layers: tuple[int, ...]  # routed layers, ascending
-    capacity: tuple[float, ...]  # per routed layer, share of the N visual tokens processed
-    router: str  # MOD_ROUTERS
-    router_input: str = "input_norm"  # MOD_ROUTER_INPUTS
-    skip: str = "identity"  # MOD_SKIP_RULES
-    selected_scale: str = "none"  # MOD_SELECTED_SCALES
-    router_file: str | None = None  # beside the recipe, written by save_recipe
-    router_sha256: str | None = None
-    tanh_alpha: float | None = None  # TanhNorm's alpha, when a tanh rule is used
-    # records of the calibration (in the JSON only when present)
-    arank: dict[str, Any] | None = None
-    trained_from: dict[str, Any] | None = None
-    fit_quality: dict[str, Any] | None = None
-
-    RECORDS = ("arank", "trained_from", "fit_quality")  # not a field: no annotation
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "capacity", tuple(self.capacity))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name in self._present()}
-        return {**d, "layers": list(self.layers), "capacity": list(self.capacity)}
-
-    def _present(self) -> set[str]:
-        """The JSON keys: every field but the records that are None."""
-        return {f.name for f in fields(self) if f.name not in self.RECORDS or getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], num_layers: int) -> "ModBlock":
-        """Field types checked here (a RecipeError naming the field); the rules between fields and the
-        visual-token counts are checked by :meth:`Recipe.validate`."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise RecipeError(f"recipe mod has unknown keys {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}")
-        layers, capacity = d.get("layers"), d.get("capacity")
-        if not isinstance(layers, list) or not all(_is_int(l) for l in layers):
-            raise RecipeError(f"recipe mod.layers must be a non-empty ascending list of layers in 0..{num_layers - 1}")
-        if not isinstance(capacity, list) or not all(_is_number(c) for c in capacity):
-            raise RecipeError("recipe mod.capacity must list one share per routed layer")
-        # router, skip, ... of another type fail validate()'s vocabulary check, by name
-        kinds = {"a string": str, "a number": (int, float), "an object": dict}
-        expected = {"router_file": "a string", "router_sha256": "a string", "tanh_alpha": "a number",
-                    **dict.fromkeys(cls.RECORDS, "an object")}
-        for key, what in expected.items():
-            value = d.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds[what])):
-                raise RecipeError(f"recipe mod.{key} must be {what} or null, got {value!r}")
-        # the four rules have no default in a file: a missing one fails validate() by name
-        return cls(**{**d, **{k: d.get(k) for k in ("router", "router_input", "skip", "selected_scale")}})
-
-
-@dataclass(frozen=True)
 class ModelRef:
     architecture: str
     num_layers: int
@@ -131,6 +87,9 @@ class Recipe:
     score: ScoreSpec = field(default_factory=ScoreSpec)
     positions: str = "original"  # pruned tokens keep their position ids
     mod: ModBlock | None = None
+    pre_llm: PreLlmStage | None = None
+    skip_attention: list[int] = field(default_factory=list)  # EAS: layers without multi-head attention
+    pia: dict[str, Any] | None = None  # EAS stand-in: {"file", "sha256", "fit_quality"} (tensors beside the recipe)
     flops: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific records (KL curve, alpha, ...)
@@ -138,6 +97,8 @@ class Recipe:
     # recipe fresh from calibration, its router tensors before save_recipe writes them.
     base_dir: Path | None = field(default=None, repr=False, compare=False, metadata={"serialise": False})
     routers: dict[str, Any] | None = field(default=None, repr=False, compare=False, metadata={"serialise": False})
+    pia_tensors: dict[str, Any] | None = field(default=None, repr=False, compare=False,
+                                               metadata={"serialise": False})
 
     # ---- derived views ----------------------------------------------------------------------
     @property
@@ -151,6 +112,22 @@ class Recipe:
     @property
     def is_mod(self) -> bool:
         return self.method.get("name") == "mod"
+
+    @property
+    def llm_visual_tokens(self) -> int:
+        """Visual tokens entering the language model: the tower's, or ``pre_llm.keep``."""
+        return self.model.visual_tokens if self.pre_llm is None else self.pre_llm.keep
+
+    def llm_recipe(self) -> "Recipe":
+        """The in-LLM part alone, for a model whose prompt holds ``llm_visual_tokens`` visual tokens: what the
+        prefill builders, the FLOPs plan and the layer-by-layer reference work on."""
+        if self.pre_llm is None:
+            return self
+        return replace(self, model=replace(self.model, visual_tokens=self.pre_llm.keep), pre_llm=None)
+
+    def llm_spec(self, spec):
+        """``spec`` as the language model sees it under this recipe (fewer visual tokens after a pre_llm stage)."""
+        return spec if self.pre_llm is None else replace(spec, llm_visual_tokens=self.pre_llm.keep)
 
     @property
     def mod_layers(self) -> list[int]:
@@ -170,7 +147,7 @@ class Recipe:
         if self.is_mod:
             return self.mod_layers
         if self.prune_stage == "layer_input":
-            previous = [self.model.visual_tokens] + self.visual_tokens[:-1]
+            previous = [self.llm_visual_tokens] + self.visual_tokens[:-1]
             return [l for l, (a, b) in enumerate(zip(previous, self.visual_tokens)) if b < a]
         mlp = self.mlp_visual_tokens()
         return [l for l in range(self.num_layers) if mlp[l] < self.visual_tokens[l]]
@@ -180,6 +157,7 @@ class Recipe:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("serialise", True)}
         d = {k: asdict(v) if k in ("model", "score") else v for k, v in d.items()}
         d["mod"] = self.mod.to_dict() if self.mod is not None else None
+        d["pre_llm"] = self.pre_llm.to_dict() if self.pre_llm is not None else None
         d = {k: v if k in ("model", "score") else json.loads(json.dumps(v)) for k, v in d.items()}
         return {"schema": RECIPE_SCHEMA, **d}
 
@@ -205,6 +183,9 @@ class Recipe:
                 score=score,
                 positions=d.get("positions", "original"),
                 mod=ModBlock.from_dict(d["mod"], model.num_layers) if d.get("mod") is not None else None,
+                pre_llm=PreLlmStage.from_dict(d["pre_llm"]) if d.get("pre_llm") is not None else None,
+                skip_attention=list(d.get("skip_attention", [])),
+                pia=d.get("pia"),
                 flops=d.get("flops"),
                 provenance=dict(d.get("provenance", {})),
                 extra=dict(d.get("extra", {})),
@@ -228,7 +209,9 @@ class Recipe:
             raise RecipeError(
                 f"recipe visual_tokens has {len(self.visual_tokens)} entries for a model of {self.model.num_layers} layers"
             )
-        limit = self.model.visual_tokens
+        self._validate_pre_llm()
+        self._validate_skip_attention()
+        limit = self.llm_visual_tokens
         for l, n in enumerate(self.visual_tokens + ([self.final_visual_tokens] if self.final_visual_tokens is not None else [])):
             if not 0 <= n <= limit:
                 raise RecipeError(f"recipe visual_tokens[{l}] = {n} is outside 0..{limit}")
@@ -239,8 +222,62 @@ class Recipe:
         elif self.mod is not None:
             raise RecipeError(f"recipe has a 'mod' block but method {name!r}; only method 'mod' routes layers")
 
+    def _validate_pre_llm(self) -> None:
+        stage, name = self.pre_llm, self.method.get("name")
+        if name in PRE_LLM_METHODS and stage is None:
+            raise RecipeError(f"a {name} recipe needs its 'pre_llm' object (the selection before the language model)")
+        if stage is None:
+            return
+        if stage.method not in PRE_LLM_METHODS:
+            raise RecipeError(f"recipe pre_llm.method {stage.method!r} is not one of {', '.join(PRE_LLM_METHODS)}")
+        if name in PRE_LLM_METHODS and name != stage.method:
+            raise RecipeError(f"recipe method {name!r} has a pre_llm stage of method {stage.method!r}")
+        if not 1 <= stage.keep < self.model.visual_tokens:
+            raise RecipeError(f"recipe pre_llm.keep = {stage.keep} must be in 1..{self.model.visual_tokens - 1}"
+                              f" (the tower makes {self.model.visual_tokens} visual tokens)")
+        if stage.positions != "contiguous":
+            raise RecipeError(f"recipe pre_llm.positions {stage.positions!r}: only 'contiguous' (the authors' way)")
+        if stage.method == "dart" and not 1 <= stage.pivots <= stage.keep:
+            raise RecipeError(f"recipe pre_llm.pivots = {stage.pivots} must be in 1..{stage.keep} for dart")
+        if stage.method == "cls" and stage.pivots:
+            raise RecipeError("recipe pre_llm.pivots applies to dart only")
+
+    def _validate_skip_attention(self) -> None:
+        skipped = self.skip_attention
+        if not all(_is_int(l) for l in skipped) or skipped != sorted(set(skipped)) or not all(
+                0 <= l < self.num_layers for l in skipped):
+            raise RecipeError(f"recipe skip_attention must be an ascending list of distinct layers in"
+                              f" 0..{self.num_layers - 1}, got {skipped!r}")
+        if len(skipped) == self.num_layers:
+            raise RecipeError("recipe skip_attention removes every layer's attention: the model would never read"
+                              " its prompt")
+        if skipped and (self.is_mod or any(v != self.visual_tokens[0] for v in self.visual_tokens)
+                        or self.final_visual_tokens not in (None, self.visual_tokens[0])):
+            raise RecipeError("recipe skip_attention composes with a pre_llm stage only, not with in-LLM pruning"
+                              " or mixture-of-depths (their rankings read attention)")
+        if self.pia is not None:
+            if not skipped:
+                raise RecipeError("recipe pia needs skip_attention (it stands in for removed attention)")
+            if not isinstance(self.pia, dict) or (self.pia_tensors is None and not isinstance(self.pia.get("file"), str)):
+                raise RecipeError("recipe pia must be an object naming its tensor file ('file') beside the recipe")
+            name = self.pia.get("file")
+            if name is not None and (not isinstance(name, str) or Path(name).name != name):
+                raise RecipeError(f"recipe pia.file {name!r} must be a file name beside the recipe")
+        if self.method.get("name") == "eas" and not skipped:
+            raise RecipeError("an eas recipe needs skip_attention (the layers whose attention is removed)")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Layers that keep their attention (and a KV cache)."""
+        return [l for l in range(self.num_layers) if l not in set(self.skip_attention)]
+
+    def pia_path(self) -> Path | None:
+        if not self.pia or not self.pia.get("file"):
+            return None
+        return (self.base_dir or Path(".")) / self.pia["file"]
+
     def _validate_mod(self) -> None:
-        mod, limit = self.mod, self.model.visual_tokens
+        mod, limit = self.mod, self.llm_visual_tokens
         if not isinstance(mod, ModBlock):
             raise RecipeError("a mod recipe needs a 'mod' object (routed layers, router, skip rule)")
         if self.prune_stage != "layer_input" or self.final_visual_tokens is not None:
@@ -286,7 +323,7 @@ class Recipe:
             "fingerprint": spec.fingerprint,
             "num_layers": spec.text.num_layers,
             "hidden_size": spec.text.hidden_size,
-            "visual_tokens": spec.visual_tokens,
+            "visual_tokens": spec.tower_visual_tokens,
         }
         for key, value in expected.items():
             have = getattr(self.model, key)
@@ -297,51 +334,6 @@ class Recipe:
                     " vocabulary differ); calibrate a recipe for this model with calib-mllm")
             if have != value:
                 raise RecipeError(f"recipe does not match the model: model.{key} is {have!r} in the recipe, {value!r} in the model")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_field_types(d: dict) -> None:
-    """The JSON type of every field the code reads, checked before any is used, so a hand-edited or
-    truncated recipe is a :class:`RecipeError` naming the field (never a TypeError later)."""
-    model = d.get("model")
-    if not isinstance(model, dict):
-        raise RecipeError(f"recipe 'model' must be an object, got {type(model).__name__}")
-    for key in ("num_layers", "hidden_size", "visual_tokens"):
-        if not _is_int(model.get(key)) or model[key] < 1:
-            raise RecipeError(f"recipe model.{key} must be a positive integer, got {model.get(key)!r}")
-    for key in ("architecture", "fingerprint"):
-        if not isinstance(model.get(key), str):
-            raise RecipeError(f"recipe model.{key} must be a string, got {model.get(key)!r}")
-    if not isinstance(d.get("method"), dict) or not isinstance(d["method"].get("name"), str):
-        raise RecipeError("recipe 'method' must be an object with a 'name'")
-    tokens = d.get("visual_tokens")
-    if not isinstance(tokens, list) or not all(_is_int(v) for v in tokens):
-        raise RecipeError("recipe visual_tokens must be a list of integers, one per layer")
-    if d.get("final_visual_tokens") is not None and not _is_int(d["final_visual_tokens"]):
-        raise RecipeError(f"recipe final_visual_tokens must be an integer, got {d['final_visual_tokens']!r}")
-    score = d.get("score", {})
-    if not isinstance(score, dict):
-        raise RecipeError(f"recipe 'score' must be an object, got {type(score).__name__}")
-    for key, value in score.items():
-        if key in ("attention_layer_offset", "seed") and not _is_int(value):
-            raise RecipeError(f"recipe score.{key} must be an integer, got {value!r}")
-        if key in ("query_rows", "head_reduction", "combine") and not isinstance(value, str):
-            raise RecipeError(f"recipe score.{key} must be a string, got {value!r}")
-    if not isinstance(d.get("prune_stage", ""), str):
-        raise RecipeError(f"recipe prune_stage must be a string, got {d['prune_stage']!r}")
-    for key in ("flops", "mod"):
-        if d.get(key) is not None and not isinstance(d[key], dict):
-            raise RecipeError(f"recipe '{key}' must be an object, got {type(d[key]).__name__}")
-    for key in ("provenance", "extra"):
-        if not isinstance(d.get(key, {}), dict):
-            raise RecipeError(f"recipe '{key}' must be an object, got {type(d[key]).__name__}")
 
 
 def random_scores(seed: int, layer: int, n_vis: int):
@@ -390,5 +382,12 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         recipe.mod = replace(recipe.mod, router_file=router_file_name(path),
                              router_sha256=hashlib.sha256(data).hexdigest())
         atomic_write_bytes(path.parent / router_file_name(path), data)
+    if recipe.pia is not None and recipe.pia_tensors is not None:
+        from mllm_deploy.formats.routers import router_file_bytes
+
+        data = router_file_bytes(recipe.pia_tensors)
+        name = f"{path.stem}.pia.safetensors"
+        recipe.pia = {**recipe.pia, "file": name, "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_bytes(path.parent / name, data)
     recipe.base_dir = path.resolve().parent
     atomic_write_text(path, recipe.to_json())

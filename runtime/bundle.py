@@ -59,10 +59,16 @@ class Bundle:
     def max_positions(self) -> int:
         return int(self.manifest["model"]["text"]["max_position_embeddings"])
 
+    @property
+    def skip_attention(self) -> set[int]:
+        """Layers without attention (EAS recipes): they hold no KV cache."""
+        return set(self.manifest["recipe"].get("skip_attention", []))
+
     def kv_lengths(self, prompt_tokens: int) -> list[int]:
-        """Tokens each layer caches after prefill: text tokens plus the visual tokens it kept."""
+        """Tokens each layer caches after prefill: text tokens plus the visual tokens it kept (0: no attention)."""
         text_tokens = prompt_tokens - self.visual_tokens
-        return [text_tokens + kept for kept in self.visual_tokens_per_layer]
+        skipped = self.skip_attention
+        return [0 if l in skipped else text_tokens + kept for l, kept in enumerate(self.visual_tokens_per_layer)]
 
     def quantized_bytes(self) -> int:
         """Bytes of the weights file holding quantized weights (int4/int8 integers and their scales); 0 unless the

@@ -113,10 +113,10 @@ class Generator:
             "image_start": np.array([start], dtype=np.int64),
         })
         kv_lengths = self.bundle.kv_lengths(input_ids.shape[1])
-        cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra for n in kv_lengths],
+        cache = StaticKVCache(self.num_kv_heads, self.head_dim, [n + capacity_extra if n else 0 for n in kv_lengths],
                               self.float_dtype, reuse=self._spare_cache)
         self._spare_cache = None
-        for layer in range(self.bundle.num_layers):
+        for layer in cache.layers:  # a layer without attention (EAS) has no KV
             cache.fill(layer, out[present_name(layer, "key")], out[present_name(layer, "value")])
         return out["logits"][0], cache
 
@@ -128,7 +128,7 @@ class Generator:
         cache.check_room()  # before the run: an in-place graph would write past the buffer's end
         out = runner.infer(feed)
         if not runner.kv_in_place:  # else the graph wrote the new entries into the cache's buffers itself
-            for layer in range(self.bundle.num_layers):
+            for layer in cache.layers:
                 cache.append(layer, out[new_name(layer, "key")], out[new_name(layer, "value")])
         cache.advance()
         return out["logits"][0]

@@ -1,7 +1,8 @@
 """Per-layer static KV cache: one preallocated buffer per layer, its own capacity each.
 
 After prefill, layer ``l`` holds ``kv_len[l]`` entries (pruned layers hold fewer); each
-decode step writes one new entry per layer in place. Nothing is ever re-concatenated.
+decode step writes one new entry per layer in place. Nothing is ever re-concatenated. A layer of
+capacity 0 has no attention (EAS): no buffer bytes, no graph tensors, never filled or checked.
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ class StaticKVCache:
         self.values[layer][:, :, n:] = 0
         self.lengths[layer] = n
 
+    @property
+    def layers(self) -> list[int]:
+        """The layers that hold a cache (capacity > 0)."""
+        return [layer for layer, capacity in enumerate(self.capacities) if capacity > 0]
+
     def check_room(self) -> None:
-        """Every layer has a free slot for one more entry."""
+        """Every layer with a cache has a free slot for one more entry."""
         for layer, (length, capacity) in enumerate(zip(self.lengths, self.capacities)):
-            if length >= capacity:
+            if capacity and length >= capacity:
                 raise ValueError(f"layer {layer}: KV cache full ({capacity} entries)")
 
     def append(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
@@ -69,6 +75,8 @@ class StaticKVCache:
     def decode_feed(self) -> dict[str, np.ndarray]:
         feed: dict[str, np.ndarray] = {"past_lengths": self.lengths.copy()}
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if not self.capacities[layer]:
+                continue
             feed[past_name(layer, "key")] = k
             feed[past_name(layer, "value")] = v
         return feed

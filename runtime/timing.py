@@ -110,9 +110,10 @@ def spread(values: list[float]) -> dict | None:
     return None if not values else {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def text_params(text: dict) -> tuple[int, int]:
+def text_params(text: dict, attention_skipped: int = 0) -> tuple[int, int]:
     """(all text-model parameters, those read per forward pass): the input embedding table is only
-    gathered (one row per token), so it is left out of the second count unless tied to the LM head."""
+    gathered (one row per token), so it is left out of the second count unless tied to the LM head. Layers whose
+    attention an EAS recipe removed (``attention_skipped`` of them) have no attention weights or input norm."""
     d, heads, kv_heads, dh, inter, vocab = (text["hidden_size"], text["num_heads"], text["num_kv_heads"],
                                             text["head_dim"], text["intermediate_size"], text["vocab_size"])
     per_layer = d * (heads + 2 * kv_heads) * dh + heads * dh * d + 3 * d * inter + 2 * d
@@ -122,7 +123,10 @@ def text_params(text: dict) -> tuple[int, int]:
         per_layer += 2 * inter + d
     embed = vocab * d
     head = 0 if text.get("tie_word_embeddings") else vocab * d
-    total = embed + text["num_layers"] * per_layer + d + head
+    attention = d * (heads + 2 * kv_heads) * dh + heads * dh * d + d
+    if text.get("attention_bias"):
+        attention += (heads + 2 * kv_heads) * dh + d
+    total = embed + text["num_layers"] * per_layer - attention_skipped * attention + d + head
     return total, total - (0 if text.get("tie_word_embeddings") else embed)
 
 
@@ -148,7 +152,7 @@ def static_facts(bundle: Bundle, prompt_tokens: int) -> dict:
     recipe = Recipe.from_dict(manifest["recipe"])
     flops = prefill_cost(spec, recipe, text_tokens=prompt_tokens - spec.visual_tokens, formula="exact",
                          prefix_tokens=PREFIX_TOKENS)
-    total, read = text_params(manifest["model"]["text"])
+    total, read = text_params(manifest["model"]["text"], len(recipe.skip_attention))
     text = manifest["model"]["text"]
     quantization = manifest.get("quantization")
     bundle_bytes, weight_bytes = bundle_sizes(bundle)

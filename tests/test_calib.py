@@ -106,21 +106,23 @@ def test_published_schedule_from_config_only(tmp_path):
 
 def test_methods_registry_and_flags():
     """Each registered method: an options dataclass that extends the common one and names its method, a
-    calibrate function; every flag belongs to one field; flags map onto the chosen method's fields."""
+    calibrate function; every flag belongs to one field (a flag two methods share, cls and dart's --keep, is the
+    same field in both); flags map onto the chosen method's fields."""
     from dataclasses import fields
 
     from mllm_deploy.calib import methods
     from mllm_deploy.calib.common import CommonOptions
     from mllm_deploy.calib.static_methods import FastVOptions
 
-    assert methods.names() == ["dense", "fastv", "pdrop", "vtw", "fitprune", "mod"]
-    flags = [f.metadata["flag"] for f in fields(CommonOptions)]
+    assert methods.names() == ["dense", "fastv", "pdrop", "vtw", "fitprune", "mod", "cls", "dart", "eas"]
+    flags = {f.metadata["flag"]: f.name for f in fields(CommonOptions)}
     for name in methods.names():
         method = methods.get(name)
         assert issubclass(method.options, CommonOptions) and method.options.method == name and callable(method.calibrate)
         assert methods.method_of(method.options()) == method
-        flags += [f.metadata["flag"] for f in fields(method.options) if f.name not in CommonOptions.__dataclass_fields__]
-    assert len(flags) == len(set(flags))
+        for f in fields(method.options):
+            if f.name not in CommonOptions.__dataclass_fields__:
+                assert flags.setdefault(f.metadata["flag"], f.name) == f.name, f.metadata["flag"]
     assert methods.options_from_flags("fastv", {"fastv_k": 3, "fastv_r": None, "seed": 7, "plan": "prd"}) == \
         FastVOptions(k=3, seed=7)
     with pytest.raises(TypeError, match="not the options class"):

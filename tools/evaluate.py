@@ -43,6 +43,7 @@ class BundleResult:
     flops_reduction: float
     prefill_ms_median: float
     reference: str
+    kv_bytes: int = 0  # KV cache after prefill at the mean prompt, the bundle's float type (0 for layers without)
     per_kind: dict[str, float] = field(default_factory=dict)  # accuracy per question kind, where items have one
     answers: list[str] = field(default_factory=list)
 
@@ -117,7 +118,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.logaddexp.reduce(x)
 
 
-def _flops_reduction(manifest: dict, prompt_tokens: float, image_start: float) -> float:
+def _flops_reduction(manifest: dict, prompt_tokens: float, image_start: float):
+    """The exact FLOPs report of the bundle's recipe at this prompt (its reduction, its KV bytes per layer)."""
     from mllm_deploy.formats.flops import prefill_cost
     from mllm_deploy.formats.recipe import Recipe
     from mllm_deploy.formats.geometry import spec_from_manifest
@@ -126,7 +128,8 @@ def _flops_reduction(manifest: dict, prompt_tokens: float, image_start: float) -
     recipe = Recipe.from_dict(manifest["recipe"])
     text = max(int(round(prompt_tokens)) - spec.visual_tokens, 0)
     prefix = min(int(round(image_start)), text)
-    return prefill_cost(spec, recipe, text_tokens=text, formula="exact", prefix_tokens=prefix).reduction
+    return prefill_cost(spec, recipe, text_tokens=text, formula="exact", prefix_tokens=prefix,
+                        kv_dtype_bytes=2 if manifest["dtype"] == "float16" else 4)
 
 
 def _run(pipe, items, max_new_tokens: int, label: str):
@@ -172,10 +175,11 @@ def evaluate(bundles: list[str], items: list[EvalItem], max_new_tokens: int = 4,
         low, high = wilson_interval(correct, len(items))
         agree = sum(normalise(a) == normalise(r) for a, r in zip(answers, ref_answers)) / len(items)
         kl = float(np.mean([np.sum(np.exp(p) * (p - q)) for p, q in zip(logprobs, ref_logprobs)]))
+        flops = _flops_reduction(bundle.manifest, mean_len, mean_start)
         results.append(BundleResult(
             bundle=str(bundles[i]), method=methods[i], visual_tokens=bundle.visual_tokens_per_layer, n=len(items),
             accuracy=correct / len(items), ci_low=low, ci_high=high, agreement=agree, mean_kl=max(kl, 0.0),
-            flops_reduction=_flops_reduction(bundle.manifest, mean_len, mean_start),
+            flops_reduction=flops.reduction, kv_bytes=sum(flops.kv_bytes_per_layer),
             prefill_ms_median=statistics.median(prefill_ms), reference=str(bundles[ref_index]),
             per_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, answers=answers,
         ))

@@ -144,7 +144,8 @@ def roofline(result: dict, device: Device, dtype_bytes: int) -> Estimate:
     model = result["model"]
     per_token = 2 * model["num_kv_heads"] * model["head_dim"] * dtype_bytes  # K and V, one layer
     kv_prefill = sum(result["kv_tokens_per_layer"]) * per_token
-    kv_end = kv_prefill + result["new_tokens"] * model["num_layers"] * per_token
+    cached_layers = sum(1 for n in result["kv_tokens_per_layer"] if n)  # a layer without attention (EAS) caches none
+    kv_end = kv_prefill + result["new_tokens"] * cached_layers * per_token
     weights, stored = result_weights(result, dtype_bytes)
     prefill = (result["prefill_flops"] / device.peak_flops, (weights + kv_prefill) / device.bandwidth)
     decode = (2 * model["text_params_read_per_pass"] / device.peak_flops, (weights + kv_end) / device.bandwidth)

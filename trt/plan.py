@@ -38,7 +38,9 @@ class KVPlan:
         return sum(layer.bytes for layer in self.layers)
 
     def layer_shape(self, layer: int) -> tuple[int, int, int, int]:
-        return (1, self.num_kv_heads, self.layers[layer].capacity, self.head_dim)
+        """The buffer shape of decoder layer ``layer`` (layers without attention, EAS, have none)."""
+        capacity = next(entry.capacity for entry in self.layers if entry.layer == layer)
+        return (1, self.num_kv_heads, capacity, self.head_dim)
 
 
 def kv_lengths(manifest: Mapping[str, Any], prompt_tokens: int) -> list[int]:
@@ -47,7 +49,9 @@ def kv_lengths(manifest: Mapping[str, Any], prompt_tokens: int) -> list[int]:
     text = prompt_tokens - visual
     if text < 1:
         raise MllmError(f"a prompt of {prompt_tokens} tokens leaves no text beside the {visual} image tokens")
-    return [text + int(kept) for kept in manifest["recipe"]["visual_tokens"]]
+    skipped = set(manifest["recipe"].get("skip_attention", []))  # EAS: no attention, no KV
+    return [0 if layer in skipped else text + int(kept)
+            for layer, kept in enumerate(manifest["recipe"]["visual_tokens"])]
 
 
 def plan_kv(manifest: Mapping[str, Any], prompt_tokens: int, new_tokens: int) -> KVPlan:
@@ -58,7 +62,7 @@ def plan_kv(manifest: Mapping[str, Any], prompt_tokens: int, new_tokens: int) ->
     heads, head_dim, dtype = int(text["num_kv_heads"]), int(text["head_dim"]), str(manifest["dtype"])
     itemsize = ITEMSIZE[dtype]
     layers = tuple(KVLayerPlan(layer, n + new_tokens, 2 * heads * (n + new_tokens) * head_dim * itemsize)
-                   for layer, n in enumerate(kv_lengths(manifest, prompt_tokens)))
+                   for layer, n in enumerate(kv_lengths(manifest, prompt_tokens)) if n)
     return KVPlan(heads, head_dim, dtype, layers)
 
 
@@ -67,7 +71,10 @@ def plan_kv_from_profile(manifest: Mapping[str, Any], max_shapes: Mapping[str, S
     text = manifest["model"]["text"]
     heads, head_dim, dtype = int(text["num_kv_heads"]), int(text["head_dim"]), str(manifest["dtype"])
     layers = []
+    skipped = set(manifest["recipe"].get("skip_attention", []))
     for layer in range(int(text["num_layers"])):
+        if layer in skipped:  # EAS: the layer has no attention and no KV input
+            continue
         shape = max_shapes.get(past_name(layer, "key"))
         if shape is None:
             raise MllmError(f"the decode engine has no profile for past.{layer}.key; run build-mllm again")

@@ -90,7 +90,10 @@ def dim_ranges(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[s
     s = settings
     ranges = {"prefill_len": (s.min_prompt_tokens, s.opt_prompt_tokens, s.max_prompt_tokens)}
     layers = int(manifest["model"]["text"]["num_layers"])
+    skipped = set(manifest["recipe"].get("skip_attention", []))
     for layer in range(layers):
+        if layer in skipped:  # EAS: no attention, no KV input
+            continue
         # capacity = kv_len + headroom (Generator.prefill allocates max_new_tokens >= 1 extra slots)
         ranges[f"past_len_{layer}"] = (kv_length(manifest, layer, s.min_prompt_tokens) + 1,
                                        kv_length(manifest, layer, s.opt_prompt_tokens) + s.opt_new_tokens,
