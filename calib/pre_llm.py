@@ -6,14 +6,15 @@ PyTorch reference of that selection (what the vision graph of export/pre_llm.py 
   (``vision_feature_layer``: the penultimate layer for LLaVA-1.5, the attention the authors' code reads); the
   top ``keep`` patches stay in their original order.
 - ``dart`` (DART, "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More") at
-  the embedding level, where TensorRT Edge-LLM applies it: pivots are the projected visual tokens with the
-  largest L1 norm; each pivot in turn keeps the tokens least similar to it (cosine) among those left. The authors'
-  in-LLM form ranks keys of layer K-1 and also takes text pivots; before the LLM there is no text, so every pivot
-  is visual (default 8 = the authors' 4 visual + 4 text), and the budget is met exactly (``dart_quota``) so that
-  every TopK has a constant k.
+  the embedding level by default, where TensorRT Edge-LLM applies it: pivots are the projected visual tokens with
+  the largest L1 norm; each pivot in turn keeps the tokens least similar to it (cosine) among those left. Before
+  the LLM there is no text, so every pivot is visual (default 8 = the authors' 4 visual + 4 text). With
+  ``--dart-layer L`` it is the authors' in-LLM form instead (an in-LLM recipe, ``score.combine="duplication"``):
+  4 visual + 4 text pivots by the L1 norm of layer L-1's keys, original positions. Either way the budget is met
+  exactly (``dart_quota``) so that every TopK has a constant k.
 
-Neither needs calibration data: the recipe is the budget. Positions: the kept tokens are the prompt's visual run,
-at contiguous positions, as both authors' code feeds them to the language model.
+Neither needs calibration data: the recipe is the budget. Positions before the LLM: the kept tokens are the
+prompt's visual run, at contiguous positions, as both authors' code feeds them to the language model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mllm_deploy.formats.recipe import PreLlmStage, Recipe, model_ref
 
 DEFAULT_RATIO = 0.5
 DEFAULT_PIVOTS = 8
+DEFAULT_LLM_PIVOTS = 4  # the authors' LLaVA setting: 4 visual and 4 text pivots
 
 
 def _layer_spec(text: str):
@@ -44,10 +46,14 @@ class ClsOptions(CommonOptions):
 
 @dataclass(frozen=True)
 class DartOptions(ClsOptions):
-    pivots: int = option(DEFAULT_PIVOTS, "--pivots", f"dart: pivot tokens (default {DEFAULT_PIVOTS})", int)
+    pivots: int | None = option(None, "--pivots",
+                                f"dart: visual pivot tokens (default {DEFAULT_PIVOTS} before the language model,"
+                                f" {DEFAULT_LLM_PIVOTS} inside it)", int)
+    text_pivots: int = option(DEFAULT_LLM_PIVOTS, "--text-pivots",
+                              f"dart inside the language model: text pivot tokens (default {DEFAULT_LLM_PIVOTS})", int)
     dart_layer: str = option("embedding", "--dart-layer",
-                             "dart: where it selects; 'embedding' (before the language model) is what is built",
-                             _layer_spec)
+                             "dart: 'embedding' (before the language model, default) or a decoder layer L (at its"
+                             " input, as the authors' code at L=2)", _layer_spec)
 
     method = cli_group = "dart"
 
@@ -85,12 +91,32 @@ def calibrate_cls(options: ClsOptions, run: CalibRun) -> Recipe:
 
 def calibrate_dart(options: DartOptions, run: CalibRun) -> Recipe:
     if options.dart_layer != "embedding":
-        raise RecipeError(f"--dart-layer {options.dart_layer}: DART inside the language model is not built yet; use"
-                          " --dart-layer embedding (before the language model, as TensorRT Edge-LLM applies it)")
+        return dart_in_llm_recipe(run.spec, options)
     n = run.spec.tower().visual_tokens
     keep = keep_count(n, options.keep, options.ratio)
-    if not 1 <= options.pivots <= keep:
-        raise RecipeError(f"--pivots must be in 1..{keep} (the tokens kept), got {options.pivots}")
-    return pre_llm_recipe(run.spec, PreLlmStage("dart", keep, pivots=options.pivots),
-                          {"keep": keep, "ratio": round(1 - keep / n, 6), "pivots": options.pivots,
+    pivots = DEFAULT_PIVOTS if options.pivots is None else options.pivots
+    if not 1 <= pivots <= keep:
+        raise RecipeError(f"--pivots must be in 1..{keep} (the tokens kept), got {pivots}")
+    return pre_llm_recipe(run.spec, PreLlmStage("dart", keep, pivots=pivots),
+                          {"keep": keep, "ratio": round(1 - keep / n, 6), "pivots": pivots,
                            "layer": "embedding", "similarity": "cosine of projected features"})
+
+
+def dart_in_llm_recipe(spec, options: DartOptions) -> Recipe:
+    """DART at decoder layer L's input (layers < L see every visual token), original positions, as the authors'."""
+    from mllm_deploy.formats.recipe import ScoreSpec
+
+    layer, layers, n = options.dart_layer, spec.text.num_layers, spec.visual_tokens
+    if not 1 <= layer < layers:
+        raise RecipeError(f"--dart-layer must be 'embedding' or a layer in 1..{layers - 1}, got {layer}")
+    keep = keep_count(n, options.keep, options.ratio)
+    pivots = DEFAULT_LLM_PIVOTS if options.pivots is None else options.pivots
+    if not 1 <= pivots <= keep or options.text_pivots < 0:
+        raise RecipeError(f"--pivots must be in 1..{keep} and --text-pivots 0 or more, got {pivots} and"
+                          f" {options.text_pivots}")
+    return Recipe(model=model_ref(spec), visual_tokens=[n] * layer + [keep] * (layers - layer),
+                  method={"name": "dart", "keep": keep, "ratio": round(1 - keep / n, 6), "layer": layer,
+                          "pivots": pivots, "text_pivots": options.text_pivots,
+                          "similarity": "cosine of the layer input after the final norm"},
+                  score=ScoreSpec(query_rows="last_text", combine="duplication", attention_layer_offset=-1,
+                                  pivots=pivots, text_pivots=options.text_pivots))

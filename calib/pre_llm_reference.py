@@ -37,9 +37,12 @@ def cls_attention(model, pixel_values):
         return probs[0, :, 0, 1:].mean(dim=0)  # [P]
 
 
-def dart_quota(keep: int, pivots: int) -> list[int]:
-    base, extra = divmod(keep - pivots, pivots)
-    return [base + (1 if i < extra else 0) for i in range(pivots)]
+def dart_quota(keep: int, pivots: int, sharers: int | None = None) -> list[int]:
+    """Tokens each pivot adds, in pivot order: the ``keep - pivots`` non-pivot tokens spread over ``sharers`` pivots
+    (all pivots; inside the LLM the text pivots share too), the first ones one more."""
+    sharers = pivots if sharers is None else sharers
+    base, extra = divmod(keep - pivots, sharers)
+    return [base + (1 if i < extra else 0) for i in range(sharers)]
 
 
 def _top(values, k: int):
@@ -49,22 +52,49 @@ def _top(values, k: int):
     return torch.sort(values, descending=True, stable=True).indices[:k]
 
 
-def dart_keep(features, keep: int, pivots: int):
-    """Indices (ascending) of the visual tokens DART keeps, from projected features [1, N, d]."""
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def duplication_select(norms, unit, keep: int, pivots: int, text_rows=None):
+    """Indices (ascending) among the n visual tokens that DART keeps: the ``pivots`` largest ``norms`` [n], then each
+    pivot row (those, then ``text_rows`` [Pt, d]) in turn takes its quota of the free tokens least cosine-similar
+    to it. ``unit``: the visual tokens' unit vectors [n, d]."""
     import torch
 
-    x = features[0].float()
-    n = x.shape[0]
-    chosen = _top(x.abs().sum(dim=-1), pivots)
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-    similarity = unit[chosen] @ unit.T  # [p, n]
+    n = unit.shape[0]
+    chosen = _top(norms, pivots)
+    rows = unit[chosen] if text_rows is None else torch.cat([unit[chosen], text_rows])
+    similarity = rows @ unit.T  # [pivots (+ text pivots), n]
     taken = torch.zeros(n, dtype=torch.bool)
     taken[chosen] = True
-    for i, quota in enumerate(dart_quota(keep, pivots)):
+    for i, quota in enumerate(dart_quota(keep, pivots, rows.shape[0])):
         if quota:
             free = torch.where(taken, torch.tensor(torch.finfo(torch.float32).min), -similarity[i])
             taken[_top(free, quota)] = True
     return taken.nonzero().flatten()
+
+
+def dart_keep(features, keep: int, pivots: int):
+    """Embedding-level DART on projected features [1, N, d]: pivots by L1 norm, cosine duplication."""
+    x = features[0].float()
+    return duplication_select(x.abs().sum(dim=-1), _unit(x), keep, pivots)
+
+
+def dart_in_llm_keep(keys, normed, vis_start: int, n_vis: int, keep: int, pivots: int, text_pivots: int):
+    """DART inside the language model, at the input of the pruning layer: pivots are the ``pivots`` visual and the
+    ``text_pivots`` text tokens (after the image) with the largest L1 norm of the previous layer's keys ``keys``
+    [1, Hkv, T, Dh]; similarity is cosine on ``normed`` [1, T, d], the layer input after the final norm. Fewer text
+    tokens than text pivots: the missing pivots have zero rows (their quota goes to the lowest free indices)."""
+    import torch
+
+    l1 = keys[0].float().abs().sum(dim=(0, 2))  # [T]
+    end = vis_start + n_vis
+    unit = _unit(normed[0].float())
+    text_l1 = torch.cat([l1[end:], torch.full((text_pivots,), torch.finfo(torch.float32).min)])
+    text_unit = torch.cat([unit[end:], torch.zeros(text_pivots, unit.shape[1])])
+    text_rows = text_unit[_top(text_l1, text_pivots)]
+    return duplication_select(l1[vis_start:end], unit[vis_start:end], keep, pivots, text_rows)
 
 
 def select_features(model, stage, pixel_values, features):

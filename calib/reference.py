@@ -100,6 +100,13 @@ class RecipeReference:
                 else:
                     if recipe.score.combine == "random":
                         scores = torch.from_numpy(random_scores(recipe.score.seed, l, n_vis)).to(x.device)
+                    elif recipe.score.combine == "duplication":  # DART: previous layer's keys, this input's states
+                        from mllm_deploy.calib.pre_llm_reference import dart_in_llm_keep
+
+                        kept = dart_in_llm_keep(pending_scores, self.text.norm(x), vis_start, n_vis, want,
+                                                recipe.score.pivots, recipe.score.text_pivots)
+                        scores = torch.zeros(n_vis)
+                        scores[kept] = 1.0
                     elif recipe.score.attention_layer_offset == -1:
                         scores = pending_scores
                     else:
@@ -117,7 +124,8 @@ class RecipeReference:
             next_want = recipe.visual_tokens[l + 1] if l + 1 < recipe.num_layers else n_vis
             if (recipe.prune_stage == "layer_input" and recipe.score.attention_layer_offset == -1
                     and recipe.score.combine != "random" and 0 < next_want < n_vis):
-                pending_scores = scoring.visual_scores(recipe.score, q, stack.repeat(k), positions, vis_start, n_vis)
+                pending_scores = (k if recipe.score.combine == "duplication" else  # DART ranks by these keys
+                                  scoring.visual_scores(recipe.score, q, stack.repeat(k), positions, vis_start, n_vis))
             ctx = stack.attend(q, k, v, positions, positions)
             if recipe.prune_stage == "after_attention" and mlp_tokens[l] < n_vis:
                 # FitPrune: rows leave after this layer's attention, before o_proj and the MLP

@@ -144,8 +144,8 @@ class PrefillBuilder:
     def _rank(self, layer: int, tokens: Tokens, q: str, k: str) -> None:
         """FastV ranks with the previous layer's attention: the scores the next layer's selection uses."""
         if self._ranks_next(layer, tokens):
-            with self.graph.scope("rank"):
-                self.pending = self._visual_score(q, k, tokens)
+            with self.graph.scope("rank"):  # DART ranks by this layer's keys at the next layer's input
+                self.pending = k if self.recipe.score.combine == "duplication" else self._visual_score(q, k, tokens)
 
     def _route_after_attention(self, layer: int, tokens: Tokens, q: str, k: str, ctx: str) -> tuple[Tokens, str]:
         """FitPrune: rows leave after attention, before o_proj, from both the attention output and the residual."""
@@ -215,6 +215,15 @@ class PrefillBuilder:
     def _input_scores(self, layer: int, tokens: Tokens) -> str:
         if self.recipe.score.combine == "random":
             return self._random_scores(layer, tokens.n_vis)
+        if self.recipe.score.combine == "duplication":
+            from mllm_deploy.export.pre_llm import dart_in_llm_scores
+
+            score, text = self.recipe.score, self.text
+            normed = blocks.rms_norm(self.graph, tokens.hidden, "text.norm.weight", self.weights, text.rms_norm_eps,
+                                     self.float_type, "dart_norm")
+            return dart_in_llm_scores(self.graph, self.pending, normed, text.hidden_size, self.vis_start, tokens.n_vis,
+                                      self.recipe.visual_tokens[layer], score.pivots, score.text_pivots,
+                                      self.float_type)
         if self.recipe.score.attention_layer_offset == -1:
             return self.pending
         return self._pdrop_scores(layer, tokens)

@@ -43,7 +43,7 @@ class TokenPlan:
     rankings: list[tuple[int, int, int, bool]]
     routers: tuple[tuple[int, int, int], ...] = ()  # MoD linear routers: (layer, visual tokens scored, outputs)
     attention_skipped: tuple[int, ...] = ()  # EAS: layers without attention (no QKV, scores or o_proj; no KV)
-    pre_llm_flops: float = 0.0  # the pre-LLM selection's own products (DART's cosine similarities)
+    selection_flops: float = 0.0  # products of selections that are not attention rows (DART's cosine similarities)
 
 
 @dataclass
@@ -85,10 +85,12 @@ def recipe_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens
     """Token counts per layer, and where the ranking products happen, for a recipe."""
     from dataclasses import replace
 
+    plan = _llm_plan(spec, recipe.llm_recipe(), text_tokens, prefix_tokens)
     extra = {"attention_skipped": tuple(recipe.skip_attention)}
     if recipe.pre_llm is not None and recipe.pre_llm.method == "dart":
-        extra["pre_llm_flops"] = 2.0 * recipe.pre_llm.pivots * spec.tower().visual_tokens * spec.text.hidden_size
-    return replace(_llm_plan(spec, recipe.llm_recipe(), text_tokens, prefix_tokens), **extra)
+        extra["selection_flops"] = (plan.selection_flops + 2.0 * recipe.pre_llm.pivots * spec.tower().visual_tokens
+                                    * spec.text.hidden_size)
+    return replace(plan, **extra)
 
 
 def _llm_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int) -> TokenPlan:
@@ -97,7 +99,7 @@ def _llm_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: 
     attention = list(recipe.visual_tokens)
     mlp = recipe.mlp_visual_tokens()
     offset = recipe.score.attention_layer_offset
-    rankings = []
+    rankings, dart = [], []
     for l in recipe.prune_layers:
         # Candidates are the visual tokens present just before the selection: layer_input
         # methods select among the previous layer's tokens, after_attention among layer l's.
@@ -107,6 +109,9 @@ def _llm_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: 
             candidates = attention[l]
         if mlp[l] == 0 or recipe.score.combine == "random":
             continue  # no ranking: the span is sliced away (VTW) or the subset is fixed (random baseline)
+        if recipe.score.combine == "duplication":  # DART: pivot rows against the candidates, no attention rows
+            dart.append(2.0 * (recipe.score.pivots + recipe.score.text_pivots) * candidates * spec.text.hidden_size)
+            continue
         rank_layer = l + offset
         if rank_layer < 0:
             raise RecipeError(f"recipe ranks layer {l}'s tokens with the attention of layer {rank_layer}, which does not exist")
@@ -117,7 +122,7 @@ def _llm_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: 
         # keys for every candidate token and queries for the ranking rows first
         projects = recipe.prune_stage == "layer_input" and offset == 0
         rankings.append((rank_layer, rows, text_tokens + candidates, projects))
-    return TokenPlan(attention, mlp, rankings)
+    return TokenPlan(attention, mlp, rankings, selection_flops=sum(dart))
 
 
 def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: int = 0) -> TokenPlan:
@@ -140,7 +145,7 @@ def mod_plan(spec: ModelSpec, recipe: Recipe, text_tokens: int, prefix_tokens: i
 def _exact(spec: ModelSpec, plan: TokenPlan, text_tokens: int) -> float:
     t = spec.text
     d, heads, kv_heads, head_dim, inter = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
-    total = plan.pre_llm_flops
+    total = plan.selection_flops
     skipped = set(plan.attention_skipped)
     for layer, (visual, mlp_visual) in enumerate(zip(plan.visual_tokens, plan.mlp_visual_tokens)):
         n = text_tokens + visual

@@ -51,7 +51,7 @@ PRE_LLM_METHODS = ("cls", "dart")  # selection before the language model (PreLlm
 PRUNE_STAGES = ("layer_input", "after_attention")
 QUERY_ROWS = ("last_text", "text", "visual_and_text")
 HEAD_REDUCTIONS = ("mean", "max")
-COMBINES = ("single", "self_times_cross", "random")
+COMBINES = ("single", "self_times_cross", "random", "duplication")  # duplication: DART inside the LLM
 # Mixture-of-depths (docs/mod.md)
 MOD_ROUTERS = ("trained", "fitted", "attention")
 MOD_SKIP_RULES = ("identity", "tanh_scale")  # skipped visual tokens: unchanged (gamma-MoD) or w*x (p-MoD)
@@ -66,6 +66,10 @@ class ScoreSpec:
     combine: str = "single"  # FitPrune ranks by self-attention mass x cross-attention mass
     attention_layer_offset: int = 0  # -1: rank with the previous layer's attention (FastV)
     seed: int = 0  # combine="random": the baseline that keeps a fixed random subset per layer
+    # combine="duplication" (DART in the LLM, docs/pre_llm_and_eas.md): pivots among the visual tokens and the text
+    # after the image, by the L1 norm of the previous layer's keys
+    pivots: int = 0
+    text_pivots: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,8 +228,17 @@ class Recipe:
 
     def _validate_pre_llm(self) -> None:
         stage, name = self.pre_llm, self.method.get("name")
-        if name in PRE_LLM_METHODS and stage is None:
+        in_llm_dart = name == "dart" and self.score.combine == "duplication"
+        if name in PRE_LLM_METHODS and stage is None and not in_llm_dart:
             raise RecipeError(f"a {name} recipe needs its 'pre_llm' object (the selection before the language model)")
+        if self.score.combine == "duplication":
+            if self.prune_stage != "layer_input" or self.score.attention_layer_offset != -1:
+                raise RecipeError("score.combine 'duplication' (DART) ranks at a layer's input with the previous"
+                                  " layer's keys: prune_stage layer_input, attention_layer_offset -1")
+            if self.score.pivots < 1 or self.score.text_pivots < 0:
+                raise RecipeError("score.combine 'duplication' needs score.pivots >= 1 and score.text_pivots >= 0")
+            if len(self.prune_layers) > 1 or any(self.score.pivots > v for v in self.visual_tokens if v):
+                raise RecipeError("a duplication (DART) recipe prunes once, keeping at least score.pivots tokens")
         if stage is None:
             return
         if stage.method not in PRE_LLM_METHODS:
@@ -237,6 +250,8 @@ class Recipe:
                               f" (the tower makes {self.model.visual_tokens} visual tokens)")
         if stage.positions != "contiguous":
             raise RecipeError(f"recipe pre_llm.positions {stage.positions!r}: only 'contiguous' (the authors' way)")
+        if in_llm_dart:
+            raise RecipeError("a dart recipe selects before the language model or inside it, not both")
         if stage.method == "dart" and not 1 <= stage.pivots <= stage.keep:
             raise RecipeError(f"recipe pre_llm.pivots = {stage.pivots} must be in 1..{stage.keep} for dart")
         if stage.method == "cls" and stage.pivots:

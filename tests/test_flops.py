@@ -63,7 +63,8 @@ def test_fitprune_dense_macs_from_config_alone(llava7b):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"formula", "dense", "recipe", "reduction", "kv_bytes_per_layer", "units", "text_tokens",
-                           "visual_tokens", "prefix_tokens", "num_layers", "method", "kv_dtype", "kv_bytes"}
+                           "visual_tokens", "prefix_tokens", "num_layers", "method", "kv_dtype", "kv_bytes",
+                           "llm_visual_tokens", "skip_attention"}
     assert (report["units"], report["text_tokens"], report["visual_tokens"]) == ("MACs", 64, 576)  # FitPrune's unit
     assert report["kv_bytes"] == sum(report["kv_bytes_per_layer"])
     assert math.isclose(report["dense"], 3.817e12, rel_tol=1e-3)

@@ -28,6 +28,7 @@ def _options():
     return {
         "cls": (ClsOptions(ratio=0.5), None),
         "dart": (DartOptions(ratio=0.5, pivots=3), None),
+        "dart@L1": (DartOptions(ratio=0.5, dart_layer=1, pivots=2, text_pivots=3), None),
         "cls+fastv": (FastVOptions(k=1, r=0.5), "cls"),
         "eas": (EasOptions(data=CALIB, skip=1), None),
         "eas+pia": (EasOptions(data=CALIB, skip=1, pia=True), None),
@@ -35,8 +36,8 @@ def _options():
     }
 
 
-ROUTED = ["cls", "dart", "cls+fastv", "dart+eas+pia"]  # the selections use routing ops: both spellings
-ALL = ["cls", "dart", "cls+fastv", "eas", "eas+pia", "dart+eas+pia"]
+ROUTED = ["cls", "dart", "dart@L1", "cls+fastv", "dart+eas+pia"]  # the selections use routing ops: both spellings
+ALL = ["cls", "dart", "dart@L1", "cls+fastv", "eas", "eas+pia", "dart+eas+pia"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def seed_recipes(tiny_model_dirs, tmp_path_factory):
 
                 options = replace(options, pre_llm=str(out[config, pre]))
             recipe = calibrate(str(tiny_model_dirs[config]), options, log=lambda m: None)
-            path = root / f"{config}-{name.replace('+', '_')}.json"
+            path = root / f"{config}-{name.replace('+', '_').replace('@', '_')}.json"
             save_recipe(recipe, path)
             out[config, name] = path
     return out
@@ -76,7 +77,7 @@ def seed_bundles(tiny_model_dirs, seed_recipes, tmp_path_factory):
     def get(config: str, name: str, routing: str = "native"):
         key = (config, name, routing)
         if key not in cache:
-            cache[key] = export_bundle(str(tiny_model_dirs[config]), root / "-".join(key).replace("+", "_"),
+            cache[key] = export_bundle(str(tiny_model_dirs[config]), root / "-".join(key).replace("+", "_").replace("@", "_"),
                                        ExportOptions(recipe=str(seed_recipes[config, name]), routing=routing),
                                        log=lambda m: None)
         return cache[key]
@@ -137,6 +138,36 @@ def test_vision_graph_selects_the_references_tokens(config, name, routing, seed_
     assert len(kept) == stage.keep and kept.tolist() != list(range(stage.keep))
     assert out["image_features"].shape == (1, stage.keep, features.shape[-1])
     np.testing.assert_allclose(out["image_features"], selected.numpy(), atol=1e-4)
+
+
+def test_dart_in_llm_with_a_short_text_tail():
+    """Fewer text tokens after the image than text pivots: the graph and the reference agree (zero pivot rows)."""
+    from mllm_deploy.calib.pre_llm_reference import dart_in_llm_keep
+
+    rng = np.random.default_rng(3)
+    keys = torch.from_numpy(rng.standard_normal((1, 2, 30, 8)).astype(np.float32))
+    normed = torch.from_numpy(rng.standard_normal((1, 30, 16)).astype(np.float32))
+    kept = dart_in_llm_keep(keys, normed, vis_start=4, n_vis=24, keep=10, pivots=2, text_pivots=4)  # 2 text tokens
+    assert len(kept) == 10 and len(set(kept.tolist())) == 10 and all(0 <= k < 24 for k in kept.tolist())
+
+
+@pytest.mark.parametrize("routing", ["native", "plugin"])
+def test_dart_in_llm_bundle_with_a_short_text_tail(routing, seed_bundles, seed_recipes, hf_models, tmp_path):
+    from mllm_deploy.calib.reference import RecipeReference
+    from mllm_deploy.formats.recipe import load_recipe
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    bundle = seed_bundles("gqa56", "dart@L1", routing)
+    recipe = load_recipe(seed_recipes["gqa56", "dart@L1"])
+    with Pipeline.load(bundle) as pipe:
+        ids = pipe.input_ids(raw_prompt="look <image> x")
+        start = int(np.flatnonzero(ids[0] == pipe.generator.image_token_id)[-1])
+        assert ids.shape[1] - start - 1 < recipe.score.text_pivots  # fewer text tokens than text pivots
+        pixels = pipe.pixel_values(make_image(tmp_path / "t.png", seed=5))
+        ours = pipe.generator.generate(ids, pixels, NEW_TOKENS, ignore_eos=True).tokens
+    theirs = RecipeReference(hf_models["gqa56"], recipe).generate(torch.from_numpy(ids), torch.from_numpy(pixels),
+                                                                   NEW_TOKENS)
+    assert ours == theirs
 
 
 def test_dart_keeps_the_pivots_and_meets_the_budget():
@@ -295,6 +326,6 @@ def test_calib_cli_composes_and_refuses(tiny_model_dirs, seed_recipes, tmp_path)
     bad = run_cli("calib-mllm", "--model", model, "--method", "fastv", "--pre-llm", str(seed_recipes["gqa56", "eas"]),
                   "-o", str(tmp_path / "b.json"))
     assert bad.returncode != 0 and "must be a cls or dart recipe" in bad.stderr and not (tmp_path / "b.json").exists()
-    inside = run_cli("calib-mllm", "--model", model, "--method", "dart", "--dart-layer", "2", "-o",
+    inside = run_cli("calib-mllm", "--model", model, "--method", "dart", "--dart-layer", "9", "-o",
                      str(tmp_path / "d.json"))
-    assert inside.returncode != 0 and "--dart-layer 2" in inside.stderr
+    assert inside.returncode != 0 and "--dart-layer must be 'embedding' or a layer in 1..3" in inside.stderr
