@@ -40,6 +40,7 @@ RECIPES = {  # name -> calibration options (a method's options dataclass from ca
     "cls-0.75": ClsOptions(ratio=0.75),
     "dart-0.5": DartOptions(ratio=0.5),
     "dart-0.75": DartOptions(ratio=0.75),
+    "dart-L2-0.5": DartOptions(ratio=0.5, dart_layer=2),
     "cls-0.5+fastv-k2-r0.5": FastVOptions(k=2, r=0.5, pre_llm="cls-0.5"),  # pre_llm: a recipe name of this table
     "eas-1": EasOptions(skip=1, data="builtin:synthetic:4"),
     "eas-2": EasOptions(skip=2, data="builtin:synthetic:4"),

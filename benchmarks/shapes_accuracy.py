@@ -34,6 +34,8 @@ def seed_recipes(num_layers: int, calib: str) -> dict:
         out[f"cls {ratio}"] = ClsOptions(ratio=ratio)
     for ratio in (0.5, 0.75):
         out[f"dart {ratio}"] = DartOptions(ratio=ratio)
+    for ratio in (0.5, 0.75):  # the authors' form: at layer 2's input (of 4 here; of 32 in LLaVA-1.5-7B)
+        out[f"dart L2 {ratio}"] = DartOptions(ratio=ratio, dart_layer=min(2, num_layers - 1))
     out["cls 0.5 + fastv K=2 R=0.5"] = FastVOptions(k=2, r=0.5, pre_llm="cls 0.5")
     for skip in (1, 2):
         out[f"eas skip {skip}"] = EasOptions(skip=skip, data=calib)
@@ -84,6 +86,8 @@ def main() -> int:
     p.add_argument("--calib", type=int, default=16, help="validation questions used to calibrate")
     p.add_argument("--workdir", default="out/shapes-acc")
     p.add_argument("--set", default="all", choices=["all", "seeds"], help="all recipes, or issue 21's table")
+    p.add_argument("--only", default=None, help="comma-separated recipe names of the set to run (dense always runs:"
+                                                " it is the agreement reference)")
     args = p.parse_args()
 
     from mllm_deploy.calib.calibrate import calibrate
@@ -97,6 +101,13 @@ def main() -> int:
     _, spec = load_spec(args.model)
     calib = f"builtin:shapes-vqa:validation:{args.calib}"
     plan = (seed_recipes if args.set == "seeds" else recipes)(spec.text.num_layers, calib)
+    if args.only:
+        wanted = {"dense", *(name.strip() for name in args.only.split(","))}
+        unknown = wanted - set(plan)
+        if unknown:
+            p.error(f"--only: unknown recipes {sorted(unknown)}; the set has {', '.join(plan)}")
+        pre = {getattr(plan[name], "pre_llm", None) for name in wanted} - {None}
+        plan = {name: options for name, options in plan.items() if name in wanted | pre}
     bundles = {}
     for name, options in plan.items():
         bundle = work / f"bundle-{slug(name)}"

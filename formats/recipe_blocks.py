@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from pathlib import Path
+
 from mllm_deploy.core.errors import RecipeError
+
+PRE_LLM_METHODS = ("cls", "dart")  # selection before the language model (PreLlmStage)
 
 
 def _is_int(value: Any) -> bool:
@@ -141,3 +145,61 @@ def check_field_types(d: dict) -> None:
     for key in ("provenance", "extra"):
         if not isinstance(d.get(key, {}), dict):
             raise RecipeError(f"recipe '{key}' must be an object, got {type(d[key]).__name__}")
+
+
+def validate_pre_llm(self) -> None:  # self: the Recipe
+    """The pre_llm stage and DART's in-LLM score against the rest of the recipe (Recipe.validate)."""
+    stage, name = self.pre_llm, self.method.get("name")
+    in_llm_dart = name == "dart" and self.score.combine == "duplication"
+    if name in PRE_LLM_METHODS and stage is None and not in_llm_dart:
+        raise RecipeError(f"a {name} recipe needs its 'pre_llm' object (the selection before the language model)")
+    if self.score.combine == "duplication":
+        if self.prune_stage != "layer_input" or self.score.attention_layer_offset != -1:
+            raise RecipeError("score.combine 'duplication' (DART) ranks at a layer's input with the previous"
+                              " layer's keys: prune_stage layer_input, attention_layer_offset -1")
+        if self.score.pivots < 1 or self.score.text_pivots < 0:
+            raise RecipeError("score.combine 'duplication' needs score.pivots >= 1 and score.text_pivots >= 0")
+        if len(self.prune_layers) > 1 or any(self.score.pivots > v for v in self.visual_tokens if v):
+            raise RecipeError("a duplication (DART) recipe prunes once, keeping at least score.pivots tokens")
+    if stage is None:
+        return
+    if stage.method not in PRE_LLM_METHODS:
+        raise RecipeError(f"recipe pre_llm.method {stage.method!r} is not one of {', '.join(PRE_LLM_METHODS)}")
+    if name in PRE_LLM_METHODS and name != stage.method:
+        raise RecipeError(f"recipe method {name!r} has a pre_llm stage of method {stage.method!r}")
+    if not 1 <= stage.keep < self.model.visual_tokens:
+        raise RecipeError(f"recipe pre_llm.keep = {stage.keep} must be in 1..{self.model.visual_tokens - 1}"
+                          f" (the tower makes {self.model.visual_tokens} visual tokens)")
+    if stage.positions != "contiguous":
+        raise RecipeError(f"recipe pre_llm.positions {stage.positions!r}: only 'contiguous' (the authors' way)")
+    if in_llm_dart:
+        raise RecipeError("a dart recipe selects before the language model or inside it, not both")
+    if stage.method == "dart" and not 1 <= stage.pivots <= stage.keep:
+        raise RecipeError(f"recipe pre_llm.pivots = {stage.pivots} must be in 1..{stage.keep} for dart")
+    if stage.method == "cls" and stage.pivots:
+        raise RecipeError("recipe pre_llm.pivots applies to dart only")
+
+def validate_skip_attention(self) -> None:  # self: the Recipe
+    """EAS's skip_attention and its stand-in against the rest of the recipe (Recipe.validate)."""
+    skipped = self.skip_attention
+    if not all(_is_int(l) for l in skipped) or skipped != sorted(set(skipped)) or not all(
+            0 <= l < self.num_layers for l in skipped):
+        raise RecipeError(f"recipe skip_attention must be an ascending list of distinct layers in"
+                          f" 0..{self.num_layers - 1}, got {skipped!r}")
+    if len(skipped) == self.num_layers:
+        raise RecipeError("recipe skip_attention removes every layer's attention: the model would never read"
+                          " its prompt")
+    if skipped and (self.is_mod or any(v != self.visual_tokens[0] for v in self.visual_tokens)
+                    or self.final_visual_tokens not in (None, self.visual_tokens[0])):
+        raise RecipeError("recipe skip_attention composes with a pre_llm stage only, not with in-LLM pruning"
+                          " or mixture-of-depths (their rankings read attention)")
+    if self.pia is not None:
+        if not skipped:
+            raise RecipeError("recipe pia needs skip_attention (it stands in for removed attention)")
+        if not isinstance(self.pia, dict) or (self.pia_tensors is None and not isinstance(self.pia.get("file"), str)):
+            raise RecipeError("recipe pia must be an object naming its tensor file ('file') beside the recipe")
+        name = self.pia.get("file")
+        if name is not None and (not isinstance(name, str) or Path(name).name != name):
+            raise RecipeError(f"recipe pia.file {name!r} must be a file name beside the recipe")
+    if self.method.get("name") == "eas" and not skipped:
+        raise RecipeError("an eas recipe needs skip_attention (the layers whose attention is removed)")
