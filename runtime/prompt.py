@@ -65,6 +65,11 @@ class PromptBuilder:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
         return _render_template(self.chat_template, messages, self.special_tokens)
 
+    def render_messages(self, messages: list[dict]) -> str:
+        """A whole conversation (system/user/assistant turns, Hugging Face content parts) through the bundle's
+        chat template, for serve-mllm; :meth:`render_chat` is the one-question case."""
+        return _render_template(self.chat_template, messages, self.special_tokens)
+
     def off_template(self, text: str) -> bool:
         """Whether a chat prompt matches none of the question templates the bundle's model was trained on (only
         bundles whose model lists some, as shapes-llava does; ``{x}`` in a template is one word)."""
