@@ -111,6 +111,13 @@ class CalibRun:
     def hf_model(self):
         from mllm_deploy.models.loading import load_hf_model
 
+        if getattr(self.spec, "is_anyres", False):
+            from mllm_deploy.core.errors import UnsupportedModelError
+
+            raise UnsupportedModelError("LLaVA-NeXT (AnyRes) models: calibration with data needs its PyTorch reference,"
+                                        " which is not built yet; static methods (dense, fastv, pdrop, fitprune"
+                                        " --schedule, cls, dart) work from config.json")
+
         return load_hf_model(self.model_dir)
 
     def dense_reference(self, model=None):

@@ -201,6 +201,9 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if output.exists() and not options.force:
         raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
     model_dir, spec = load_spec(model, options.cache_dir)
+    if spec.is_anyres:
+        raise UnsupportedModelError(f"{model} is a LLaVA-NeXT (AnyRes) model: its geometry, FLOPs, static recipes"
+                                    " and preprocessing are supported, its export is not built yet")
     from mllm_deploy.models.presets import is_geometry_preset
 
     if is_geometry_preset(model_dir):

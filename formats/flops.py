@@ -16,6 +16,10 @@ tower and projector are not part of the prefill graph either. A recipe's ``pre_l
 as fewer visual tokens in every layer (its own ranking: DART's pivot similarities, 2·pivots·N·d, counted in
 ``exact``; the projector it spares for cls is not); ``skip_attention`` layers (EAS) count their MLP only. Nothing heavy is imported:
 flops-mllm runs on a machine with no torch.
+
+A LLaVA-NeXT spec makes as many visual tokens as its image does (``ModelSpec.tower_visual_tokens``: the largest
+bucket's unless ``for_bucket``/``with_image_tokens`` chose another), and both the dense baseline and a recipe, which
+counts tokens for that one image size, are costed at that count; its newline tokens count as visual tokens.
 """
 
 from __future__ import annotations

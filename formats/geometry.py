@@ -1,7 +1,9 @@
 """What mllm-deploy knows about a model, read from ``config.json`` alone (no weights, no torch).
 
 The same :class:`ModelSpec` drives the exporter, the FLOPs model and the manifest, so a
-7B geometry can be described on any machine from its config file.
+7B geometry can be described on any machine from its config file. The module is longer than 400 lines because the
+spec, the default tables and the reader that fills one from the other change together: a new family or field
+touches all three, and kept apart they would drift.
 
 A Hugging Face ``config.json`` holds only what differs from its config classes' defaults:
 llava-hf/llava-1.5-7b-hf's ``text_config`` has no hidden size, layer or head count at all, and
@@ -9,6 +11,13 @@ transformers fills them in from ``LlamaConfig``. To read such a file the way tra
 without importing it, the defaults of the classes involved are copied below as data. They are
 those of transformers ``TRANSFORMERS_DEFAULTS_VERSION`` (defaults have changed between releases;
 tests/test_configs.py checks every field against the installed transformers' ``AutoConfig``).
+
+LLaVA-NeXT (``LlavaNextForConditionalGeneration``, "AnyRes") is the same tower, projector and language model with
+a variable number of visual tokens: the image is resized into one of ``image_grid_pinpoints`` (its bucket), cut into
+tower-sized tiles, and the tiles' features are packed after the whole image's (the base) as a grid whose rows each end
+in a learned newline embedding. The spec records the buckets and costs a prompt at one visual-token count, by default
+the largest bucket's (:attr:`ModelSpec.max_visual_tokens`); :meth:`ModelSpec.for_bucket` and
+:meth:`ModelSpec.with_image_tokens` choose another.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mllm_deploy.core.errors import InputFileError, UnsupportedModelError
+from mllm_deploy.core.errors import InputFileError, MllmError, UnsupportedModelError
 from mllm_deploy.core.hashing import canonical_json, sha256_text
 
 TRANSFORMERS_DEFAULTS_VERSION = "5.24.0"
@@ -57,8 +66,14 @@ DEFAULT_ROPE_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
 
 # Supported pieces, as data. Adding a family means adding its defaults here and its
 # graph builder in export/ (the builders only need the fields of ModelSpec).
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-LLAVA_MODEL_TYPE = "llava"  # a config saved by LlavaConfig.save_pretrained() may have no architectures
+# architecture -> the model_type its config class writes; a config saved by save_pretrained() has no architectures,
+# and its model_type names the class. LlavaNextConfig's defaults (and sub-config defaults) equal LlavaConfig's, so one
+# table serves both; it adds image_grid_pinpoints (below).
+ARCHITECTURE_MODEL_TYPES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_MODEL_TYPES)
+LLAVA_MODEL_TYPE = "llava"
+LLAVA_NEXT_MODEL_TYPE = "llava_next"
+LLAVA_NEXT = "LlavaNextForConditionalGeneration"
 VISION_DEFAULTS = {"clip_vision_model": CLIP_VISION_DEFAULTS}
 TEXT_DEFAULTS = {"llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS}
 SUPPORTED_VISION = tuple(VISION_DEFAULTS)
@@ -121,27 +136,108 @@ class ModelSpec:
     # visual tokens than the tower makes: this spec is then "the model as its prefill and decode graphs see it".
     # Not part of the geometry (the fingerprint) and absent from to_dict() when None.
     llm_visual_tokens: int | None = None
+    # LLaVA-NeXT only (None for LLaVA-1.5, and then absent from to_dict(), so 1.5 specs and their fingerprints are
+    # what they were). The buckets, (height, width) in pixels in config order, each a whole number of tower tiles;
+    # and whether a learned newline embedding (the checkpoint's image_newline) closes each row of grid features:
+    # transformers' LlavaNextModel always adds it (a config's use_image_newline_parameter is not read). Both change
+    # the prompt's length, so they are geometry and enter the fingerprint.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    image_newline: bool | None = None
+    # The visual tokens the one image of the prompt being costed makes (LLaVA-NeXT: set by its bucket and, below the
+    # bucket's maximum, by unpadding); None is the largest bucket's maximum. A choice of prompt, not geometry: out of
+    # the fingerprint like llm_visual_tokens, absent from to_dict() when None. Set it with for_bucket/with_image_tokens.
+    image_visual_tokens: int | None = None
+
+    @property
+    def is_anyres(self) -> bool:
+        """LLaVA-NeXT: the visual-token count depends on the image (its bucket and aspect ratio)."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def base_visual_tokens(self) -> int:
+        """Visual tokens of one tower pass over one tile: LLaVA-1.5's whole image, LLaVA-NeXT's base image."""
+        extra = 0 if self.vision_feature_select_strategy == "default" else 1
+        return self.vision.num_patches + extra
 
     @property
     def tower_visual_tokens(self) -> int:
-        """Visual tokens the vision tower and projector make per image."""
-        extra = 0 if self.vision_feature_select_strategy == "default" else 1
-        return self.vision.num_patches + extra
+        """Visual tokens the vision tower and projector make per image (LLaVA-NeXT: for the image being costed)."""
+        if not self.is_anyres:
+            return self.base_visual_tokens
+        return self.max_visual_tokens if self.image_visual_tokens is None else self.image_visual_tokens
 
     @property
     def visual_tokens(self) -> int:
         """Visual tokens in the language model's prompt: the tower's, or fewer after a pre-LLM selection."""
         return self.tower_visual_tokens if self.llm_visual_tokens is None else self.llm_visual_tokens
 
+    def bucket_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of grid features of bucket ``height`` x ``width``: its tiles, each ``image_size //
+        patch_size`` features a side (LlavaNextModel.pack_image_features views them so)."""
+        if not self.is_anyres or (height, width) not in self.image_grid_pinpoints:
+            raise MllmError(f"{height}x{width} is not a bucket of this model; buckets (height x width):"
+                            f" {_bucket_names(self) or 'none (not a LLaVA-NeXT model)'}")
+        side = self.vision.image_size // self.vision.patch_size
+        return height // self.vision.image_size * side, width // self.vision.image_size * side
+
+    def bucket_tokens(self, height: int, width: int) -> int:
+        """The most visual tokens an image in bucket ``height`` x ``width`` makes: one of that exact aspect ratio,
+        which unpadding leaves whole. In prompt order (transformers' pack_image_features): the base image's features,
+        then the grid row by row, ``columns`` features and, with image_newline, one newline token per row. An image
+        of another aspect ratio loses the padded rows (or columns) and their newlines."""
+        rows, columns = self.bucket_grid(height, width)
+        return self.base_visual_tokens + rows * (columns + (1 if self.image_newline else 0))
+
+    @property
+    def bucket_visual_tokens(self) -> dict[tuple[int, int], int]:
+        """{(height, width): bucket_tokens} per bucket, in config order; empty for LLaVA-1.5."""
+        return {(h, w): self.bucket_tokens(h, w) for h, w in self.image_grid_pinpoints or ()}
+
+    @property
+    def max_visual_tokens(self) -> int:
+        """The most visual tokens one image can make: what a static prefill must hold."""
+        return max(self.bucket_visual_tokens.values()) if self.is_anyres else self.base_visual_tokens
+
+    def with_image_tokens(self, visual_tokens: int) -> "ModelSpec":
+        """The spec costed for an image of ``visual_tokens`` tokens (LLaVA-NeXT: between the base image alone, all
+        grid rows unpadded away, and the largest bucket's maximum; LLaVA-1.5: only its fixed count)."""
+        if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int):
+            raise MllmError(f"visual tokens must be an integer, got {visual_tokens!r}")
+        if not self.is_anyres:
+            if visual_tokens != self.base_visual_tokens:
+                raise MllmError(f"this model makes a fixed {self.base_visual_tokens} visual tokens per image, not"
+                                f" {visual_tokens}; only a LLaVA-NeXT model's count varies with the image")
+            return self
+        low, high = self.base_visual_tokens, self.max_visual_tokens
+        if not low <= visual_tokens <= high:
+            raise MllmError(f"visual tokens must be between {low} (the base image alone) and {high} (the largest"
+                            f" bucket, nothing unpadded), got {visual_tokens}")
+        return replace(self, image_visual_tokens=visual_tokens, llm_visual_tokens=None)
+
+    def for_bucket(self, height: int, width: int) -> "ModelSpec":
+        """The spec costed for an image that fills bucket ``height`` x ``width`` (its most visual tokens)."""
+        return self.with_image_tokens(self.bucket_tokens(height, width))
+
     def tower(self) -> "ModelSpec":
-        """The spec without a pre-LLM selection (the model as published)."""
+        """The spec without a pre-LLM selection (the model as published, for the image being costed)."""
         return replace(self, llm_visual_tokens=None) if self.llm_visual_tokens is not None else self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["llm_visual_tokens"] is None:
-            del d["llm_visual_tokens"]
+        for key in _UNSET_ABSENT:
+            if d[key] is None:
+                del d[key]
         return d
+
+
+# ModelSpec fields left out of to_dict() while None: the LLaVA-1.5 dict (and fingerprint) predates them
+_UNSET_ABSENT = ("llm_visual_tokens", "image_grid_pinpoints", "image_newline", "image_visual_tokens")
+# ModelSpec fields that describe a prompt, not the model: never in the fingerprint
+_NOT_GEOMETRY = ("fingerprint", "llm_visual_tokens", "image_visual_tokens")
+
+
+def _bucket_names(spec: ModelSpec) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in spec.image_grid_pinpoints or ())
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -199,6 +295,12 @@ def _check_geometry(spec: ModelSpec) -> None:
     sliding = spec.text.sliding_window
     if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
         raise UnsupportedModelError(f"config.json text_config.sliding_window must be a positive integer or null, got {sliding!r}")
+    for height, width in spec.image_grid_pinpoints or ():
+        # pack_image_features folds the tile features into a (h // image_size, w // image_size) grid while the image
+        # processor cuts ceil(side / tile) tiles: the two agree only for whole tiles
+        if height < 1 or width < 1 or height % spec.vision.image_size or width % spec.vision.image_size:
+            raise UnsupportedModelError(f"config.json image_grid_pinpoints [{height}, {width}] is not a whole number of"
+                                        f" vision_config.image_size ({spec.vision.image_size}) tiles")
     for name, value in (("vision_config.layer_norm_eps", spec.vision.layer_norm_eps),
                         ("text_config.rms_norm_eps", spec.text.rms_norm_eps),
                         ("text_config.rope_theta", spec.text.rope_theta),
@@ -208,7 +310,8 @@ def _check_geometry(spec: ModelSpec) -> None:
 
 
 def _architecture(cfg: dict) -> str:
-    """The model class: ``architectures[0]``, or LLaVA's when a config saved by ``LlavaConfig`` has none."""
+    """The model class: ``architectures[0]``, or the one its ``model_type`` names when a config saved by
+    ``save_pretrained()`` has none."""
     archs, model_type = cfg.get("architectures"), cfg.get("model_type")
     if archs:
         if not isinstance(archs, list):
@@ -217,15 +320,34 @@ def _architecture(cfg: dict) -> str:
             raise UnsupportedModelError(
                 f"config.json architectures '{archs[0]}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
                 f" (vision: {', '.join(SUPPORTED_VISION)}; text: {', '.join(SUPPORTED_TEXT)})")
-        if model_type not in (None, LLAVA_MODEL_TYPE):
+        expected = ARCHITECTURE_MODEL_TYPES[archs[0]]
+        if model_type not in (None, expected):
             raise UnsupportedModelError(f"config.json model_type '{model_type}' is not supported with {archs[0]};"
-                                        f" supported: {LLAVA_MODEL_TYPE}")
+                                        f" supported: {expected}")
         return archs[0]
-    if model_type == LLAVA_MODEL_TYPE:
-        return SUPPORTED_ARCHITECTURES[0]
+    for arch, arch_model_type in ARCHITECTURE_MODEL_TYPES.items():
+        if model_type == arch_model_type:
+            return arch
     raise UnsupportedModelError(
         f"config.json model_type '{model_type}' is not supported and names no architectures; supported: model_type"
-        f" '{LLAVA_MODEL_TYPE}' or architectures {', '.join(SUPPORTED_ARCHITECTURES)}")
+        f" {' or '.join(repr(t) for t in ARCHITECTURE_MODEL_TYPES.values())} or architectures"
+        f" {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _pinpoints(cfg: dict) -> tuple[tuple[int, int], ...]:
+    """A LLaVA-NeXT config's buckets as (height, width) pairs. Required, although LlavaNextConfig would fill in the
+    LLaVA-1.6 list: every published NeXT config and every save_pretrained() copy writes them out, so a NeXT config
+    without them is far likelier a relabelled LLaVA-1.5 config than one meaning those defaults, and the buckets set
+    the length of every prompt. Their sizes are checked against the tower in _check_geometry."""
+    value = cfg.get("image_grid_pinpoints")
+    if value is None:
+        raise UnsupportedModelError(f"config.json model_type '{LLAVA_NEXT_MODEL_TYPE}' has no image_grid_pinpoints:"
+                                    " a LLaVA-NeXT config names its [height, width] buckets")
+    if (not isinstance(value, list) or not value or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair) for pair in value)):
+        raise UnsupportedModelError(f"config.json image_grid_pinpoints must be a list of [height, width] integer pairs,"
+                                    f" got {value!r}")
+    return tuple((pair[0], pair[1]) for pair in value)
 
 
 def _sub_config(cfg: dict, key: str, absent: dict, families: dict[str, dict]) -> tuple[str, dict]:
@@ -283,6 +405,11 @@ def _spec_from_config(cfg: dict) -> ModelSpec:
     if strategy not in SUPPORTED_FEATURE_STRATEGIES:
         raise UnsupportedModelError(f"config.json vision_feature_select_strategy '{strategy}' is not supported;"
                                     f" supported: {', '.join(SUPPORTED_FEATURE_STRATEGIES)}")
+    pinpoints = _pinpoints(cfg) if arch == LLAVA_NEXT else None
+    if pinpoints is not None and strategy != "default":
+        # pack_image_features views each tile's features as a square grid; the CLS token 'full' keeps breaks it
+        raise UnsupportedModelError(f"config.json vision_feature_select_strategy '{strategy}' is not supported with"
+                                    f" {LLAVA_NEXT}; supported: default")
     for name, act in (("vision_config.hidden_act", vis["hidden_act"]), ("text_config.hidden_act", text["hidden_act"]),
                       ("projector_hidden_act", top["projector_hidden_act"])):
         if act not in SUPPORTED_ACTIVATIONS:
@@ -337,6 +464,8 @@ def _spec_from_config(cfg: dict) -> ModelSpec:
         projector_hidden_act=top["projector_hidden_act"],
         projector_bias=bool(top["multimodal_projector_bias"]),
         fingerprint="",
+        image_grid_pinpoints=pinpoints,
+        image_newline=True if pinpoints is not None else None,
     )
     return replace(spec, fingerprint=geometry_fingerprint(spec))
 
@@ -345,11 +474,13 @@ def geometry_fingerprint(spec: ModelSpec) -> str:
     """sha256 of the geometry as transformers resolves it (every field, defaults filled), so a hub config, its
     save_pretrained() copy and a hand-filled config of the same model get one fingerprint; names, dtypes and
     other fields that do not change the graphs do not enter it."""
-    fields = {key: value for key, value in spec.to_dict().items() if key not in ("fingerprint", "llm_visual_tokens")}
+    fields = {key: value for key, value in spec.to_dict().items() if key not in _NOT_GEOMETRY}
     return sha256_text(canonical_json(fields))
 
 
 def spec_from_manifest(model: dict) -> ModelSpec:
     """Rebuild the ModelSpec a bundle's manifest recorded (``manifest["model"]``)."""
     fields = {k: v for k, v in model.items() if k not in ("vision", "text", "visual_tokens")}
+    if fields.get("image_grid_pinpoints") is not None:  # JSON lists back to the tuples the spec compares by
+        fields["image_grid_pinpoints"] = tuple(tuple(pair) for pair in fields["image_grid_pinpoints"])
     return ModelSpec(vision=VisionSpec(**model["vision"]), text=TextSpec(**model["text"]), **fields)

@@ -28,6 +28,8 @@ GENERATED_MODELS: dict[str, str] = {
     # geometry only (config.json, no weights): FLOPs, KV-memory and recipe planning
     "llava-1.5-7b-shape": "mllm_deploy.models.presets:write_llava15_7b_shape",
     "llava-1.5-13b-shape": "mllm_deploy.models.presets:write_llava15_13b_shape",
+    "llava-v1.6-vicuna-7b-shape": "mllm_deploy.models.presets:write_llava16_vicuna_7b_shape",
+    "llava-v1.6-mistral-7b-shape": "mllm_deploy.models.presets:write_llava16_mistral_7b_shape",
 }
 PACKAGED_MODELS: dict[str, str] = {
     # name -> "module:function()" returning a model directory shipped in the repository

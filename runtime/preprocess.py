@@ -1,21 +1,36 @@
-"""Image loading and CLIP/LLaVA preprocessing in NumPy + Pillow (no torch, no transformers).
+"""Image loading and CLIP/LLaVA/LLaVA-NeXT preprocessing in NumPy + Pillow (no torch, no transformers).
 
 Reproduces transformers' PIL-backend ``CLIPImageProcessorPil`` and ``LlavaImageProcessorPil``:
 convert to RGB -> (LLaVA) pad to square -> resize -> center crop -> rescale -> normalize.
 The same Pillow calls are used for colour conversion and resampling, so the uint8 pixels
 match exactly; the float steps use the same dtypes as transformers, so the output does too.
+
+``preprocess_anyres`` reproduces ``LlavaNextImageProcessorPil`` (LLaVA-NeXT's AnyRes): the image
+is fitted into the best pinpoint canvas and cut into tiles, and a squashed base view goes first;
+every view then takes the same resize -> crop -> rescale -> normalize steps as above. The grid and
+token arithmetic it shares with the exporter lives in :mod:`mllm_deploy.formats.image`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 from PIL import Image
 
-from mllm_deploy.core.errors import ImageError
-from mllm_deploy.formats.image import ImagePreprocessConfig
+from mllm_deploy.core.errors import ImageError, UnsupportedModelError
+from mllm_deploy.formats.image import (  # noqa: F401  (the AnyRes arithmetic, re-exported for the runtime)
+    AnyresBucket,
+    AnyresLayout,
+    ImagePreprocessConfig,
+    anyres_buckets,
+    anyres_feature_layout,
+    select_best_resolution,
+)
 
+# Pillow's own bomb limit (it warns above it and refuses above twice it); we refuse above it,
+# before a single pixel is decoded, so a small file that declares a huge image costs nothing.
 MAX_IMAGE_PIXELS = 89_478_485
 
 
@@ -95,24 +110,29 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return out
 
 
-def preprocess(image: "Image.Image", config: ImagePreprocessConfig) -> np.ndarray:
-    """One PIL image -> float32 pixel_values [1, 3, H, W], as transformers' PIL backend makes them."""
+def _rgb_array(image: "Image.Image", config: ImagePreprocessConfig) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess takes a PIL image, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"image is empty ({image.width}x{image.height})")
     if config.do_convert_rgb:
-        arr = _to_rgb(image)
-    elif image.mode == "RGB":
-        arr = np.asarray(image)
-    else:  # transformers would carry 1 or 4 channels on and fail (or emit non-RGB pixel values)
-        raise ImageError(f"image mode {image.mode} needs do_convert_rgb=True")
-    if config.do_pad:
-        arr = _pad_to_square(arr, config.image_mean)
+        return _to_rgb(image)
+    if image.mode == "RGB":
+        return np.asarray(image)
+    # transformers would carry 1 or 4 channels on and fail (or emit non-RGB pixel values)
+    raise ImageError(f"image mode {image.mode} needs do_convert_rgb=True")
+
+
+def _resize(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    # Resampling is done by Pillow on the uint8 RGB image, exactly as transformers does (a resize
+    # to the same size is a plain copy in Pillow, so it cannot blur an already-sized tile).
+    return np.asarray(Image.fromarray(arr).resize((width, height), resample=resample))
+
+
+def _finish(arr: np.ndarray, config: ImagePreprocessConfig) -> np.ndarray:
+    """uint8 HWC -> float32 CHW: the resize, crop, rescale and normalize steps every view takes."""
     if config.do_resize:
-        height, width = _resize_target(arr.shape[0], arr.shape[1], config.size)
-        # Resampling is done by Pillow on the uint8 RGB image, exactly as transformers does.
-        arr = np.asarray(Image.fromarray(arr).resize((width, height), resample=config.resample))
+        arr = _resize(arr, *_resize_target(arr.shape[0], arr.shape[1], config.size), config.resample)
     if config.do_center_crop:
         arr = _center_crop(arr, config.crop_size["height"], config.crop_size["width"])
     if config.do_rescale:
@@ -122,4 +142,49 @@ def preprocess(image: "Image.Image", config: ImagePreprocessConfig) -> np.ndarra
         # ... and normalizes in float32 with float32 mean/std.
         arr = arr.astype(np.float32, copy=False)
         arr = (arr - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
-    return np.ascontiguousarray(arr.astype(np.float32, copy=False).transpose(2, 0, 1)[None])
+    return arr.astype(np.float32, copy=False).transpose(2, 0, 1)
+
+
+def preprocess(image: "Image.Image", config: ImagePreprocessConfig) -> np.ndarray:
+    """One PIL image -> float32 pixel_values [1, 3, H, W], as transformers' PIL backend makes them."""
+    if config.is_anyres:  # one view would silently drop the tiles and image_sizes the model needs
+        raise UnsupportedModelError("this image config is LLaVA-NeXT AnyRes; use preprocess_anyres")
+    arr = _rgb_array(image, config)
+    if config.do_pad:
+        arr = _pad_to_square(arr, config.image_mean)
+    return np.ascontiguousarray(_finish(arr, config)[None])
+
+
+def _fit_inside(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    # The side that limits the scale fills the canvas; the other is rounded UP (math.ceil) and
+    # capped, unlike select_best_resolution, which truncates when it scores the same fit.
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def preprocess_anyres(image: "Image.Image", config: ImagePreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One PIL image -> (pixel_values [rows * cols + 1, 3, H, W] float32, image_sizes [height, width] int64).
+
+    View 0 is the whole image squashed (not padded) to ``size``; tiles follow row-major over the
+    canvas of the pinpoint that :func:`select_best_resolution` picks, where the image sits centred
+    on black (zeros before normalization, not the mean colour LLaVA-1.5 pads with). image_sizes is
+    the original size, which the model needs to cut the padding back out of the tile features.
+    """
+    if not config.is_anyres:
+        raise UnsupportedModelError("this image config has no image_grid_pinpoints; use preprocess")
+    arr = _rgb_array(image, config)
+    height, width = arr.shape[:2]
+    target_h, target_w = select_best_resolution((height, width), config.image_grid_pinpoints)
+    fit_h, fit_w = _fit_inside(height, width, target_h, target_w)
+    canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
+    top, left = (target_h - fit_h) // 2, (target_w - fit_w) // 2  # an odd remainder goes below / right
+    canvas[top:top + fit_h, left:left + fit_w] = _resize(arr, fit_h, fit_w, config.resample)
+    tile = config.tile_size
+    size = config.size
+    base_h, base_w = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    views = [_resize(arr, base_h, base_w, config.resample)]
+    views += [canvas[y:y + tile, x:x + tile] for y in range(0, target_h, tile) for x in range(0, target_w, tile)]
+    pixel_values = np.stack([_finish(view, config) for view in views])
+    return np.ascontiguousarray(pixel_values), np.array([height, width], dtype=np.int64)
