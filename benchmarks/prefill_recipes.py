@@ -61,6 +61,9 @@ def main() -> int:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {', '.join(RECIPES)}"
                    " (dense is always included: speedups are against it)")
     p.add_argument("--routing", default="native", choices=["native", "plugin"])
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the round-robin timing: ONNX Runtime's profile of each bundle's prefill, --repeats"
+                        " runs back to back after the warm-up, node times summed per op type")
     args = p.parse_args()
     chosen = ["dense"] + [name for name in args.recipes.split(",") if name and name != "dense"]
     for name in list(chosen):  # a composed recipe needs its pre-LLM stage's recipe first
@@ -114,6 +117,8 @@ def main() -> int:
         features = np.random.default_rng(1).standard_normal((1, n, spec.text.hidden_size)).astype(np.float32)
         return ids[None].astype(np.int64), features
 
+    if args.profile:
+        return profile(bundles, inputs, args.warmup, args.repeats)
     generators = {name: Generator(load_bundle(b)).__enter__() for name, b in bundles.items()}
     feeds = {name: inputs(gen.bundle.visual_tokens) for name, gen in generators.items()}
     pixels = np.random.default_rng(2).standard_normal(
@@ -154,6 +159,37 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "prompt_tokens": text + spec.visual_tokens,
                                                "routing": args.routing, "repeats": args.repeats, "rows": rows}, indent=2))
+    return 0
+
+
+def profile(bundles: dict, inputs, warmup: int, repeats: int) -> int:
+    """Per bundle: the mean ONNX Runtime node time per prefill, in total and by op type (largest first)."""
+    import collections
+    import os
+
+    from mllm_deploy.runtime.bundle import load_bundle
+    from mllm_deploy.runtime.generator import Generator
+
+    dense_ms = None
+    for name, path in bundles.items():
+        with Generator(load_bundle(path), profile=True) as gen:
+            feed = inputs(gen.bundle.visual_tokens)
+            for _ in range(warmup + repeats):
+                gen.prefill(*feed, capacity_extra=1)
+            trace = gen.runners["prefill"].session.end_profiling()
+        events = json.loads(Path(trace).read_text())
+        os.remove(trace)
+        runs = [e["dur"] / 1e3 for e in events if e.get("name") == "model_run"][warmup:]
+        by_op: collections.Counter = collections.Counter()
+        nodes = [e for e in events if e.get("cat") == "Node"]
+        per_run = len(nodes) // (warmup + repeats)
+        for e in nodes[warmup * per_run:]:
+            by_op[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / repeats
+        total = sum(by_op.values())
+        dense_ms = total if dense_ms is None else dense_ms
+        ops = ", ".join(f"{op} {ms:.1f}" for op, ms in by_op.most_common(4))
+        print(f"{name}: node time {total:.0f} ms per prefill (model_run median {statistics.median(runs):.0f} ms);"
+              f" dense/this {dense_ms / total:.2f}x; {ops}")
     return 0
 
 
