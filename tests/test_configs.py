@@ -37,7 +37,7 @@ LLAVA_13B_LIKE["text_config"].update(hidden_size=5120, intermediate_size=13824, 
                                      num_hidden_layers=40, num_key_value_heads=40)
 # A Mistral-text LLaVA: the text_config is llava-hf/llava-v1.6-mistral-7b-hf's, as published (key for key,
 # quoted in TensorRT-LLM's tests/unittest/_torch/modeling/test_modeling_llava_next.py), inside the 1.5
-# wrapper because LLaVA-NeXT itself is issue 22. It leaves hidden_size, the layer and head counts to
+# wrapper (LLaVA-NeXT's own geometry: tests/test_next_geometry.py). It leaves hidden_size, the layer and head counts to
 # MistralConfig's defaults and sets sliding_window to null.
 MISTRAL_TEXT = copy.deepcopy(LLAVA_7B)
 MISTRAL_TEXT["text_config"] = json.loads((CONFIGS / "text" / "llava-hf--llava-v1.6-mistral-7b-hf.text_config.json")
@@ -265,7 +265,8 @@ REFUSED = {
                        "text_config.rope_parameters per layer type"),
     "feature layers": (_edge(vision_feature_layer=[-2, -5]), "vision_feature_layer"),
     "strategy": (_edge(vision_feature_select_strategy="cls"), "vision_feature_select_strategy 'cls'"),
-    "llava-next": (_edge(architectures=None, model_type="llava_next"), "model_type 'llava_next'"),
+    "llava-next without buckets": (_edge(architectures=None, model_type="llava_next"),
+                                   "model_type 'llava_next' has no image_grid_pinpoints"),
     "wrong pair": (_edge(model_type="llava_next"), "model_type 'llava_next' is not supported with"),
     "activation": (_edge(text={"hidden_act": "swish2"}), "text_config.hidden_act 'swish2'"),
     "text not object": (_edge(text_config=[1, 2]), "text_config must be an object"),
