@@ -345,3 +345,24 @@ def test_anyres_without_torch():
     assert result.returncode == 0, result.stderr
     layout = our_layout("llava16", 300, 700)
     assert result.stdout.strip() == f"({layout.num_views}, 3, 336, 336) [300, 700] {layout.num_tokens}"
+
+
+# --- packing the per-view features (runtime/anyres.py) against the model's own ---------------------
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("mode,width,height", IMAGES)
+def test_packing_matches_the_model(geometry, mode, width, height):
+    """Our NumPy packing of the per-view features equals LlavaNextModel's, newline rows and unpadding included."""
+    from mllm_deploy.runtime.anyres import pack_views
+
+    model = hf_model(geometry)
+    pixels, image_sizes = preprocess_anyres(make_image(mode, width, height), our_config(geometry))
+    with torch.no_grad():
+        theirs = model.model.get_image_features(pixel_values=torch.from_numpy(pixels)[None],
+                                                image_sizes=torch.from_numpy(image_sizes)[None]).pooler_output[0]
+        hidden = model.model.vision_tower(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-1]
+        views = model.model.multi_modal_projector(hidden[:, 1:]).numpy()  # "default": the CLS position dropped
+        newline = model.model.image_newline.numpy()
+    ours = pack_views(views, our_layout(geometry, height, width), patch_grid(geometry), newline)
+    assert ours.shape == tuple(theirs.shape)
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
