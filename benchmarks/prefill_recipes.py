@@ -177,6 +177,9 @@ def profile(bundles: dict, inputs, warmup: int, repeats: int) -> int:
             for _ in range(warmup + repeats):
                 gen.prefill(*feed, capacity_extra=1)
             trace = gen.runners["prefill"].session.end_profiling()
+            for role, runner in gen.runners.items():  # every session profiles: leave no trace files behind
+                if role != "prefill" and getattr(runner, "session", None) is not None:
+                    os.remove(runner.session.end_profiling())
         events = json.loads(Path(trace).read_text())
         os.remove(trace)
         runs = [e["dur"] / 1e3 for e in events if e.get("name") == "model_run"][warmup:]

@@ -167,6 +167,11 @@ class StreamingWeights(Mapping[str, LazyWeight]):
             linear(f"{dst}.mlp.up", [f"{src}mlp.up_proj"])
             linear(f"{dst}.mlp.down", [f"{src}mlp.down_proj"])
         plain("text.norm.weight", text + "norm.weight")
+        if getattr(spec, "is_anyres", False):  # LLaVA-NeXT: the vector closing each grid row of visual tokens
+            newline = next((k for k in ("image_newline", "model.image_newline") if k in checkpoint), None)
+            if newline is None:
+                raise UnsupportedModelError(f"the LLaVA-NeXT checkpoint in {checkpoint.model_dir} has no image_newline")
+            plain("image_newline", newline)
         head = next((root + "weight" for root in _HEAD_ROOTS if root + "weight" in checkpoint), None)
         if head is None and not tie_word_embeddings:
             raise UnsupportedModelError(f"the checkpoint in {checkpoint.model_dir} has no lm_head weight and "

@@ -201,9 +201,6 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     if output.exists() and not options.force:
         raise InputFileError(f"{output} already exists; choose another -o or pass --force to replace it")
     model_dir, spec = load_spec(model, options.cache_dir)
-    if spec.is_anyres:
-        raise UnsupportedModelError(f"{model} is a LLaVA-NeXT (AnyRes) model: its geometry, FLOPs, static recipes"
-                                    " and preprocessing are supported, its export is not built yet")
     from mllm_deploy.models.presets import is_geometry_preset
 
     if is_geometry_preset(model_dir):
@@ -212,6 +209,9 @@ def export_bundle(model: str, output: str | Path, options: ExportOptions = Expor
     from mllm_deploy.formats.recipe import dense_recipe, load_recipe
 
     recipe = load_recipe(options.recipe, spec) if options.recipe else dense_recipe(spec)
+    if spec.is_anyres and recipe.method_name != "dense":
+        raise UnsupportedModelError(f"{model} is a LLaVA-NeXT (AnyRes) model: it exports dense; recipes per grid bucket"
+                                    f" are not built yet (got a {recipe.method_name} recipe)")
     if recipe.pia and options.quantize:
         raise MllmError("--quantize with an EAS recipe holding a fitted stand-in (pia) is not supported yet: the"
                         " stand-in folds into float weights; export it unquantized or calibrate without --pia")

@@ -72,12 +72,16 @@ class PrefillBuilder:
     def _embed(self) -> Tokens:
         graph, spec = self.graph, self.spec
         ids = graph.input("input_ids", TensorProto.INT64, [1, "prefill_len"])
-        features = graph.input("image_features", self.float_type, [1, spec.visual_tokens, self.text.hidden_size])
+        # LLaVA-NeXT: the visual run's length follows the image (its bucket and unpadding): a symbolic dimension
+        visual = "visual_len" if spec.is_anyres else spec.visual_tokens
+        features = graph.input("image_features", self.float_type, [1, visual, self.text.hidden_size])
         self.vis_start = graph.input("image_start", TensorProto.INT64, [1])
         with graph.scope("embed"):
             table = graph.const(self.weights["text.embed_tokens"], name="text.embed_tokens")
             embedded = graph.op("Gather", [table, ids], axis=0)
-            end = graph.op("Add", [self.vis_start, graph.ints([spec.visual_tokens])])
+            count = (graph.slice(graph.op("Shape", [features]), graph.ints([1]), graph.ints([2]), axes=[0])
+                     if spec.is_anyres else graph.ints([spec.visual_tokens]))
+            end = graph.op("Add", [self.vis_start, count])
             before = graph.slice(embedded, graph.ints([0]), self.vis_start, axes=[1])
             after = graph.slice(embedded, end, graph.ints([blocks.INT64_MAX]), axes=[1])
             hidden = graph.op("Concat", [before, features, after], axis=1)  # image features replace the placeholders

@@ -24,8 +24,18 @@ def sample_inputs(spec: ModelSpec, seed: int = 0, text_before: int = 5, text_aft
         ids = rng.integers(low, vocab, size=n).tolist()
         return [i if i != spec.image_token_id else low for i in ids]
 
-    ids = words(text_before) + [spec.image_token_id] * spec.visual_tokens + words(text_after)
     v = spec.vision
+    if getattr(spec, "is_anyres", False):  # LLaVA-NeXT: random views of an image filling the first bucket
+        from mllm_deploy.formats.image import anyres_feature_layout
+        from mllm_deploy.runtime.anyres import AnyresPixels
+
+        size = tuple(spec.image_grid_pinpoints[0])
+        layout = anyres_feature_layout(size, spec.image_grid_pinpoints, tile_size=v.image_size,
+                                       patch_grid=v.image_size // v.patch_size)
+        views = rng.standard_normal((layout.num_views, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+        ids = words(text_before) + [spec.image_token_id] * layout.num_tokens + words(text_after)
+        return np.array([ids], dtype=np.int64), AnyresPixels(views, size, layout)
+    ids = words(text_before) + [spec.image_token_id] * spec.visual_tokens + words(text_after)
     pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
     return np.array([ids], dtype=np.int64), pixels
 
@@ -75,10 +85,15 @@ def _torch_reference(model, input_ids: np.ndarray, pixels: np.ndarray, steps: in
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
         ids = torch.from_numpy(input_ids)
-        pv = torch.from_numpy(pixels).to(model.dtype)
-        feats = model.model.get_image_features(pixel_values=pv).pooler_output
+        extra = {}
+        if hasattr(pixels, "views"):  # LLaVA-NeXT (runtime/anyres.AnyresPixels): views and the original size
+            pv = torch.from_numpy(pixels.views)[None].to(model.dtype)
+            extra["image_sizes"] = torch.tensor([list(pixels.image_size)])
+        else:
+            pv = torch.from_numpy(pixels).to(model.dtype)
+        feats = model.model.get_image_features(pixel_values=pv, **extra).pooler_output
         out["image_features"] = torch.stack(list(feats)).float().numpy()
-        res = model(input_ids=ids, pixel_values=pv, use_cache=True)
+        res = model(input_ids=ids, pixel_values=pv, use_cache=True, **extra)
         logits, cache = res.logits[:, -1].float(), res.past_key_values
         out["prefill.logits"] = logits.numpy()
         for step in range(steps):

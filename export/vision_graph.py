@@ -67,7 +67,7 @@ def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, floa
                     x = graph.op("Add", [x, blocks.linear(graph, hidden, weights, f"{prefix}.mlp.fc2", "fc2")])
         if spec.vision_feature_select_strategy == "default":  # drop the CLS position
             x = graph.slice(x, graph.ints([1]), graph.ints([np.iinfo(np.int64).max]), axes=[1])
-    n, kept = spec.visual_tokens, spec.visual_tokens
+    n = kept = spec.base_visual_tokens  # one view (LLaVA-NeXT runs the graph per view; LLaVA-1.5 has one)
     if pre_llm is not None and pre_llm.method == "cls":  # select before the projector (it works per token)
         x = selection.select(graph, routing_by_name(routing_name), selection.cls_scores(graph, probs, float_type), x,
                              n, pre_llm.keep)
@@ -81,3 +81,7 @@ def build_vision_graph(graph: GraphBuilder, spec: ModelSpec, weights: dict, floa
                              x, n, pre_llm.keep)
         kept = pre_llm.keep
     graph.output(x, "image_features", float_type, [1, kept, spec.text.hidden_size])
+    if spec.is_anyres:  # LLaVA-NeXT: the graph runs once per view; the runtime packs the views (runtime/anyres.py)
+        graph.output(graph.op("Identity", [graph.const(weights["image_newline"], name="image_newline.weight")]), "image_newline",
+                     float_type,
+                     [spec.text.hidden_size])

@@ -67,6 +67,8 @@ def collect_weights(model, dtype: np.dtype, num_vision_layers: int) -> dict[str,
         w[f"text.layers.{i}.input_norm.weight"] = _np(layer.input_layernorm.weight, dtype)
         w[f"text.layers.{i}.post_norm.weight"] = _np(layer.post_attention_layernorm.weight, dtype)
     w["text.norm.weight"] = _np(text.norm.weight, dtype)
+    if getattr(model.model, "image_newline", None) is not None:  # LLaVA-NeXT
+        w["image_newline"] = _np(model.model.image_newline, dtype)
     for prefix, modules in linear_groups(model, num_vision_layers):
         _linear(prefix, modules, dtype, w)
     return w

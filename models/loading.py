@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -51,14 +52,22 @@ def require_transformers():
 
 
 def load_hf_model(model_dir: str | Path, dtype=None, attn_implementation: str | None = None):
-    """LlavaForConditionalGeneration from a local directory, offline, in eval mode; a directory
+    """LlavaForConditionalGeneration (or LlavaNextForConditionalGeneration, as its config.json says) from a local
+    directory, offline, in eval mode; a directory
     whose weights cannot be loaded is a user error with a one-line message."""
     import torch
 
     transformers = require_transformers()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model_class = transformers.LlavaForConditionalGeneration
     try:
-        model = transformers.LlavaForConditionalGeneration.from_pretrained(
+        if "LlavaNextForConditionalGeneration" in json.loads((Path(model_dir) / "config.json").read_text()).get(
+                "architectures", []):
+            model_class = transformers.LlavaNextForConditionalGeneration
+    except (OSError, ValueError):
+        pass  # from_pretrained names the problem below
+    try:
+        model = model_class.from_pretrained(
             model_dir, dtype=dtype or torch.float32, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot load weights from {model_dir}: {str(exc).splitlines()[0]}") from None

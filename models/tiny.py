@@ -85,8 +85,10 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) -> Path:
-    """Write a complete tiny LLaVA model directory to ``target`` (atomically)."""
+def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None,
+                     next_pinpoints: list[list[int]] | None = None) -> Path:
+    """Write a complete tiny LLaVA model directory to ``target`` (atomically). ``next_pinpoints``: a LLaVA-NeXT
+    (AnyRes) model instead, with these [height, width] buckets (multiples of ``image_size``)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -94,6 +96,10 @@ def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) 
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
@@ -129,11 +135,18 @@ def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) 
         pad_token_id=tok.token_to_id("<pad>"),
         tie_word_embeddings=False,
     )
-    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
-    llava.architectures = ["LlavaForConditionalGeneration"]
+    if next_pinpoints is None:
+        llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+        llava.architectures = ["LlavaForConditionalGeneration"]
+        model_class = LlavaForConditionalGeneration
+    else:
+        llava = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                                image_grid_pinpoints=[list(p) for p in next_pinpoints])
+        llava.architectures = ["LlavaNextForConditionalGeneration"]
+        model_class = LlavaNextForConditionalGeneration
 
     torch.manual_seed(config.seed)
-    model = LlavaForConditionalGeneration(llava).eval()
+    model = model_class(llava).eval()
     with torch.no_grad():  # HF init draws Normal(0, initializer_range); norms start at 1
         gen = torch.Generator().manual_seed(config.seed)
         for name, param in sorted(model.named_parameters()):
@@ -156,11 +169,20 @@ def write_tiny_llava(target: str | Path, config: TinyLlavaConfig | None = None) 
         extra_special_tokens={"image_token": "<image>"},
     )
     edge = config.shortest_edge or config.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": edge},
-        crop_size={"height": config.image_size, "width": config.image_size},
-    )
-    processor = LlavaProcessor(
+    if next_pinpoints is not None:  # AnyRes: tiles of image_size, the base view squashed to it
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": config.image_size},
+            crop_size={"height": config.image_size, "width": config.image_size},
+            image_grid_pinpoints=[list(p) for p in next_pinpoints],
+        )
+        processor_class = LlavaNextProcessor
+    else:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": edge},
+            crop_size={"height": config.image_size, "width": config.image_size},
+        )
+        processor_class = LlavaProcessor
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=fast,
         patch_size=config.patch_size,

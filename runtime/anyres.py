@@ -11,7 +11,34 @@ NeXT bundles build on it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class AnyresPixels:
+    """One LLaVA-NeXT image ready for the vision graph: its views [1 + rows·cols, 3, T, T] (runtime/preprocess.
+    preprocess_anyres) and its original [height, width], which decides the packing (``layout``)."""
+
+    views: np.ndarray
+    image_size: tuple[int, int]
+    layout: object  # formats/image.AnyresLayout
+
+    @property
+    def visual_tokens(self) -> int:
+        return int(self.layout.num_tokens)
+
+
+def anyres_pixels(image, config, patch_grid: int) -> AnyresPixels:
+    """Preprocess a PIL image for a LLaVA-NeXT bundle (``config``: its ImagePreprocessConfig)."""
+    from mllm_deploy.formats.image import anyres_feature_layout
+    from mllm_deploy.runtime.preprocess import preprocess_anyres
+
+    views, sizes = preprocess_anyres(image, config)
+    size = (int(sizes[0]), int(sizes[1]))
+    layout = anyres_feature_layout(size, config.image_grid_pinpoints, tile_size=config.tile_size, patch_grid=patch_grid)
+    return AnyresPixels(views, size, layout)
 
 
 def pack_views(views: np.ndarray, layout, patch_grid: int, newline: np.ndarray) -> np.ndarray:

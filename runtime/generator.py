@@ -91,7 +91,21 @@ class Generator:
             runner.deactivate()
 
     # ---- the three graphs -----------------------------------------------------------------
-    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_image(self, pixel_values) -> np.ndarray:
+        """[1, N, d] visual tokens; a LLaVA-NeXT image (runtime/anyres.AnyresPixels) runs the vision graph once per
+        view and packs the views as the model does."""
+        from mllm_deploy.runtime.anyres import AnyresPixels, pack_views
+
+        if isinstance(pixel_values, AnyresPixels):
+            views, newline = [], None
+            for view in pixel_values.views:
+                out = self.runners["vision"].infer({"pixel_values": view[None].astype(self.float_dtype, copy=False)})
+                views.append(out["image_features"][0])
+                newline = out["image_newline"]
+            vision = self.bundle.manifest["model"]["vision"]
+            packed = pack_views(np.stack(views), pixel_values.layout, vision["image_size"] // vision["patch_size"],
+                                newline)
+            return packed[None]
         out = self.runners["vision"].infer({"pixel_values": pixel_values.astype(self.float_dtype, copy=False)})
         return out["image_features"]
 
@@ -99,6 +113,8 @@ class Generator:
         """Index of the first image placeholder; the placeholder run must be exactly N long."""
         where = np.flatnonzero(input_ids[0] == self.image_token_id)
         n = self.bundle.visual_tokens
+        if self.bundle.manifest["image"].get("image_grid_pinpoints"):  # LLaVA-NeXT: the image's own count
+            n = len(where) if 0 < len(where) <= n else n
         if len(where) != n or (len(where) and where[-1] - where[0] != n - 1):
             raise PromptError(
                 f"the prompt must hold one run of {n} image tokens (id {self.image_token_id}), found {len(where)}"

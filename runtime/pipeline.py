@@ -124,22 +124,30 @@ class Pipeline:
         self._choose_weights(prompt_tokens, max_new_tokens, max_memory, available)
         check_memory(self.memory_estimate(prompt_tokens, max_new_tokens), what, max_memory, available)
 
-    def input_ids(self, prompt: str | None = None, raw_prompt: str | None = None):
+    def input_ids(self, prompt: str | None = None, raw_prompt: str | None = None, pixels=None):
+        """Token ids of the prompt; ``pixels``: a LLaVA-NeXT image (runtime/anyres.AnyresPixels), whose own count
+        of visual tokens the image placeholder expands to (LLaVA-1.5: the bundle's fixed count)."""
         if (prompt is None) == (raw_prompt is None):
             raise MllmError("give exactly one of a chat prompt or a raw prompt")
+        count = getattr(pixels, "visual_tokens", None)
         if raw_prompt is not None:
-            return self.prompt.encode(raw_prompt, from_chat_template=False)
-        return self.prompt.encode(self.prompt.render_chat(prompt))
+            return self.prompt.encode(raw_prompt, from_chat_template=False, visual_tokens=count)
+        return self.prompt.encode(self.prompt.render_chat(prompt), visual_tokens=count)
 
     def pixel_values(self, image):
         import numpy as np
 
         from mllm_deploy.runtime.preprocess import load_image, preprocess
 
-        if isinstance(image, np.ndarray):  # already preprocessed [1, 3, H, W]
+        from mllm_deploy.runtime.anyres import AnyresPixels, anyres_pixels
+
+        if isinstance(image, (np.ndarray, AnyresPixels)):  # already preprocessed
             return image
         if isinstance(image, (str, Path)):
             image = load_image(image)
+        if self.image_config.is_anyres:  # LLaVA-NeXT: views and the packing layout
+            vision = self.bundle.manifest["model"]["vision"]
+            return anyres_pixels(image, self.image_config, vision["image_size"] // vision["patch_size"])
         return preprocess(image, self.image_config)
 
     def ask(
@@ -154,9 +162,9 @@ class Pipeline:
     ) -> Answer:
         if max_new_tokens < 1:
             raise MllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        ids = self.input_ids(prompt, raw_prompt)
-        check_context(int(ids.shape[1]), max_new_tokens, self.bundle.max_positions)  # before any session loads
         pixels = self.pixel_values(image)
+        ids = self.input_ids(prompt, raw_prompt, pixels)
+        check_context(int(ids.shape[1]), max_new_tokens, self.bundle.max_positions)  # before any session loads
         streamer = TextStreamer(self.prompt)
 
         def on_token(token: int) -> None:

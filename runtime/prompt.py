@@ -89,8 +89,9 @@ class PromptBuilder:
         words = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == unk_id]
         return list(dict.fromkeys(w for w in words if w.strip()))
 
-    def encode(self, text: str, from_chat_template: bool = True) -> np.ndarray:
-        """Token ids [1, T] for a prompt holding the image placeholder exactly once.
+    def encode(self, text: str, from_chat_template: bool = True, visual_tokens: int | None = None) -> np.ndarray:
+        """Token ids [1, T] for a prompt holding the image placeholder exactly once, expanded to ``visual_tokens``
+        image tokens (default the bundle's count; a LLaVA-NeXT image's own count varies with its size).
 
         Special tokens follow Hugging Face: a raw prompt is tokenised as the processor does
         (the tokenizer adds BOS); a rendered chat prompt gets none added if it already starts with BOS.
@@ -107,7 +108,8 @@ class PromptBuilder:
         if ids.count(self.image_token_id) != 1:
             raise PromptError(f"the tokenizer did not keep {self.image_token} as one token; is this the right bundle?")
         at = ids.index(self.image_token_id)
-        expanded = ids[:at] + [self.image_token_id] * self.visual_tokens + ids[at + 1:]
+        count = self.visual_tokens if visual_tokens is None else visual_tokens
+        expanded = ids[:at] + [self.image_token_id] * count + ids[at + 1:]
         return np.array([expanded], dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:

@@ -380,12 +380,12 @@ def test_fitprune_next_schedules_meet_their_budgets(budget, vicuna, vicuna_dir, 
 
 @pytest.mark.parametrize("preset", ["llava-v1.6-vicuna-7b-shape", "llava-v1.6-mistral-7b-shape"])
 def test_next_presets_by_name_and_export_refused(preset, tmp_path):
-    """The presets resolve by name for flops-mllm; export-mllm refuses a NeXT model in one line (its graphs are
-    not built yet) instead of exporting it as LLaVA-1.5, and writes nothing."""
+    """The presets resolve by name for flops-mllm; export-mllm refuses a preset (no weights) in one line and
+    writes nothing."""
     flops = run_cli("flops-mllm", "--model", preset, "--json")
     assert flops.returncode == 0, flops.stderr
     assert json.loads(flops.stdout)["visual_tokens"] == 2928
     out = tmp_path / "b"
     export = run_cli("export-mllm", "--model", preset, "-o", str(out))
-    assert export.returncode != 0 and "LLaVA-NeXT (AnyRes)" in export.stderr and "not built yet" in export.stderr
+    assert export.returncode != 0 and "geometry preset without weights" in export.stderr
     assert len(export.stderr.strip().splitlines()) == 1 and not out.exists()

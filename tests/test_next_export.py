@@ -1,0 +1,87 @@
+"""LLaVA-NeXT (AnyRes) exported dense: the bundle's vision graph runs per view, the runtime packs the views as the
+model does (runtime/anyres.py) into as many visual tokens as the image makes, and greedy generation equals
+transformers' LlavaNextForConditionalGeneration on images of several aspect ratios in different buckets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # tiles of 56 px: 1x2, 2x1 and 2x2 grids
+NEW_TOKENS = 16
+# (width, height): a wide, a tall, a square image and a wide one in the 2x2 bucket whose grid is unpadded
+IMAGES = [(100, 45), (45, 100), (90, 90), (110, 80)]
+
+
+@pytest.fixture(scope="module")
+def next_model(tmp_path_factory):
+    from conftest import TINY_CONFIGS
+
+    from mllm_deploy.models.tiny import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("next") / "m", TINY_CONFIGS["gqa56"], next_pinpoints=PINPOINTS)
+
+
+@pytest.fixture(scope="module")
+def next_bundle(next_model, tmp_path_factory):
+    from mllm_deploy.export.llava_export import ExportOptions, export_bundle
+
+    return export_bundle(str(next_model), tmp_path_factory.mktemp("next-bundle") / "b", ExportOptions(),
+                         log=lambda m: None)
+
+
+def test_dense_next_generates_like_transformers(next_model, next_bundle):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_model).eval()
+    processor = AutoProcessor.from_pretrained(next_model)
+    question = "Describe the picture in detail."
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    seen = set()
+    unpadded = False
+    with Pipeline.load(next_bundle) as pipe:
+        for width, height in IMAGES:
+            image = Image.fromarray(np.random.default_rng(width * height).integers(0, 256, (height, width, 3),
+                                                                                 dtype=np.uint8))
+            pixels = pipe.pixel_values(image)
+            ids = pipe.input_ids(prompt=question, pixels=pixels)
+            ours = pipe.generator.generate(ids, pixels, NEW_TOKENS, ignore_eos=True).tokens
+            inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=image,
+                               return_tensors="pt")
+            assert inputs["input_ids"].tolist() == ids.tolist(), (width, height)  # same visual-token count
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            assert ours == out[0, inputs["input_ids"].shape[1]:].tolist(), (width, height)
+            seen.add(pixels.layout.resolution)
+            bucket_max = 64 + pixels.layout.rows * 8 * (pixels.layout.cols * 8 + 1)
+            unpadded |= pixels.visual_tokens < bucket_max
+    assert len(seen) == 3 and unpadded  # every bucket, and one image whose padded rows were cut
+
+
+def test_next_bundle_records_anyres_and_passes_tensorrt_checks(next_bundle):
+    from mllm_deploy.trt.check import check_bundle
+
+    manifest = json.loads((next_bundle / "manifest.json").read_text())
+    assert manifest["image"]["image_grid_pinpoints"] == PINPOINTS
+    assert manifest["model"]["visual_tokens"] == 336  # the largest bucket's count: what the prefill must hold
+    assert "image_newline" in {o["name"] for o in manifest["graphs"]["vision"]["outputs"]}
+    prefill_features = next(i for i in manifest["graphs"]["prefill"]["inputs"] if i["name"] == "image_features")
+    assert prefill_features["shape"][1] == "visual_len"
+    for version in ("10.16", "11.4"):
+        findings = check_bundle(next_bundle, version)
+        assert all(not f for f in findings.values()), findings
+
+
+def test_pruned_next_recipe_is_refused(next_model, tmp_path):
+    from conftest import run_cli
+
+    recipe = tmp_path / "fastv.json"
+    made = run_cli("calib-mllm", "--model", str(next_model), "--method", "fastv", "-o", str(recipe))
+    assert made.returncode == 0, made.stderr
+    export = run_cli("export-mllm", "--model", str(next_model), "--recipe", str(recipe), "-o", str(tmp_path / "b"))
+    assert export.returncode == 1 and "exports dense; recipes per grid bucket are not built yet" in export.stderr
+    assert not (tmp_path / "b").exists()
