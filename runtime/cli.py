@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         # read the image and the prompt, and check the request, before any output and before the
         # sessions load: a bad image, a too-long prompt or a too-large model print nothing but the error
         pixels_source = pipe.pixel_values(args.image)
-        prompt_tokens = int(pipe.input_ids(args.prompt, args.raw_prompt).shape[1])
+        prompt_tokens = int(pipe.input_ids(args.prompt, args.raw_prompt, pixels_source).shape[1])
         _warn_about_prompt(pipe, args)
         pipe.check_request(prompt_tokens, args.max_new_tokens, max_memory, available_memory())
         streamed = []

@@ -195,6 +195,8 @@ def _prepare(pipe, settings: Settings, chat: ChatRequest, conv: Conversation) ->
         raise ApiError(400, f"cannot preprocess the image: {exc}", param="messages", code="invalid_image") from None
     finally:
         image.close()
+    if getattr(pixels, "visual_tokens", None) is not None:  # LLaVA-NeXT: the image's own count of visual tokens
+        ids = pipe.prompt.encode(pipe.prompt.render_messages(conv.messages), visual_tokens=pixels.visual_tokens)
     prompt_tokens, context = int(ids.shape[1]), pipe.bundle.max_positions
     asked = chat.max_completion_tokens or chat.max_tokens
     limit = settings.max_new_tokens_limit

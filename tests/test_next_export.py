@@ -85,3 +85,19 @@ def test_pruned_next_recipe_is_refused(next_model, tmp_path):
     export = run_cli("export-mllm", "--model", str(next_model), "--recipe", str(recipe), "-o", str(tmp_path / "b"))
     assert export.returncode == 1 and "exports dense; recipes per grid bucket are not built yet" in export.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_run_mllm_uses_the_images_own_count(next_bundle, tmp_path):
+    """run-mllm on a NeXT bundle counts the image's own visual tokens (a wide image: fewer than the bundle's
+    largest bucket) and answers."""
+    from PIL import Image
+
+    from conftest import run_cli
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (45, 100, 3), dtype=np.uint8)).save(image)
+    proc = run_cli("run-mllm", str(next_bundle), "--image", str(image), "--prompt", "Describe the picture in detail.",
+                   "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert len(answer["tokens"]) >= 1 and answer["prompt_tokens"] < 336  # 200 visual tokens + the text

@@ -138,8 +138,9 @@ def _run(pipe, items, max_new_tokens: int, label: str):
     answers, logprobs, prefill_ms, lengths, starts = [], [], [], [], []
     with Progress(len(items), label, "q") as bar:
         for item in items:
-            ids = pipe.input_ids(prompt=item.question)
-            generation = pipe.generator.generate(ids, pipe.pixel_values(item.image), max_new_tokens)
+            pixels = pipe.pixel_values(item.image)
+            ids = pipe.input_ids(prompt=item.question, pixels=pixels)  # a LLaVA-NeXT image sets its own count
+            generation = pipe.generator.generate(ids, pixels, max_new_tokens)
             answers.append(pipe.prompt.decode(generation.tokens))
             logprobs.append(_log_softmax(generation.first_logits))
             prefill_ms.append(generation.timings.prefill_ms)
