@@ -123,6 +123,10 @@ class Generator:
 
     def prefill(self, input_ids: np.ndarray, image_features: np.ndarray, capacity_extra: int) -> tuple[np.ndarray, StaticKVCache]:
         start = self.image_start(input_ids)
+        run = int(np.count_nonzero(input_ids[0] == self.image_token_id))
+        if image_features.shape[1] != run:  # LLaVA-NeXT: the prompt was expanded for another image
+            raise PromptError(f"the prompt holds {run} image tokens but the image makes {image_features.shape[1]}"
+                              " visual tokens; build the prompt with this image (Pipeline.input_ids(..., pixels=))")
         out = self.runners["prefill"].infer({
             "input_ids": input_ids.astype(np.int64, copy=False),
             "image_features": image_features,

@@ -101,3 +101,18 @@ def test_run_mllm_uses_the_images_own_count(next_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
     assert len(answer["tokens"]) >= 1 and answer["prompt_tokens"] < 336  # 200 visual tokens + the text
+
+
+def test_prompt_built_for_another_image_is_refused(next_bundle):
+    """A prompt expanded for a square image (336 tokens) with a wide image's features (200) is a one-line error,
+    not a silently misplaced image."""
+    from PIL import Image
+
+    from mllm_deploy.core.errors import PromptError
+    from mllm_deploy.runtime.pipeline import Pipeline
+
+    square, wide = (Image.fromarray(np.zeros((h, w, 3), np.uint8)) for w, h in ((90, 90), (100, 45)))
+    with Pipeline.load(next_bundle) as pipe:
+        ids = pipe.input_ids(prompt="hi", pixels=pipe.pixel_values(square))
+        with pytest.raises(PromptError, match="image tokens but the image makes 200"):
+            pipe.generator.generate(ids, pipe.pixel_values(wide), 2)
