@@ -30,7 +30,7 @@ PREFIX_TOKENS = 5  # filler tokens before the image run, like a chat template's 
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
-def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple[np.ndarray, object]:
     """Valid model input: filler text ids around one image-token run, and a preprocessed random image.
 
     Filler ids are non-special tokenizer ids (no BOS, no image token), so every id is one the
@@ -42,7 +42,18 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
     from mllm_deploy.formats.image import ImagePreprocessConfig
     from mllm_deploy.runtime.preprocess import preprocess
 
-    visual = bundle.visual_tokens
+    rng = np.random.default_rng(seed)
+    # a photo-sized image so that resizing and cropping run as they would for a real one
+    image = Image.fromarray(rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8), "RGB")
+    config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
+    if config.is_anyres:  # LLaVA-NeXT: the image's views and its own count of visual tokens
+        from mllm_deploy.runtime.anyres import anyres_pixels
+
+        vision = bundle.manifest["model"]["vision"]
+        pixels = anyres_pixels(image, config, vision["image_size"] // vision["patch_size"])
+        visual = pixels.visual_tokens
+    else:
+        pixels, visual = preprocess(image, config), bundle.visual_tokens
     if prompt_tokens < visual + PREFIX_TOKENS + 1:
         raise MllmError(f"--prompt-tokens must be at least {visual + PREFIX_TOKENS + 1} for this bundle"
                         f" ({PREFIX_TOKENS} tokens before the {visual} image tokens and one after), got {prompt_tokens}")
@@ -58,13 +69,9 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
                         if i not in special and i != image_id and i < vocab_size)
     if not candidates:
         raise MllmError(f"{bundle.path}: the tokenizer has no non-special tokens to build a prompt from")
-    rng = np.random.default_rng(seed)
     ids = rng.choice(np.array(candidates, dtype=np.int64), size=prompt_tokens)
     ids[PREFIX_TOKENS:PREFIX_TOKENS + visual] = image_id
-    # a photo-sized image so that resizing and cropping run as they would for a real one
-    pixels_u8 = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
-    config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
-    return ids[None], preprocess(Image.fromarray(pixels_u8, "RGB"), config)
+    return ids[None], pixels
 
 
 # ---- the loop -------------------------------------------------------------------------------------

@@ -116,3 +116,13 @@ def test_prompt_built_for_another_image_is_refused(next_bundle):
         ids = pipe.input_ids(prompt="hi", pixels=pipe.pixel_values(square))
         with pytest.raises(PromptError, match="image tokens but the image makes 200"):
             pipe.generator.generate(ids, pipe.pixel_values(wide), 2)
+
+
+def test_bench_mllm_runs_a_next_bundle(next_bundle):
+    """bench-mllm's synthetic prompt holds the synthetic image's own count of visual tokens."""
+    from conftest import run_cli
+
+    proc = run_cli("bench-mllm", str(next_bundle), "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["results"][0]
+    assert result["prefill_ms"]["median"] > 0 and len(result["kv_tokens_per_layer"]) == 4
