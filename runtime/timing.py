@@ -42,18 +42,16 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
     from mllm_deploy.formats.image import ImagePreprocessConfig
     from mllm_deploy.runtime.preprocess import preprocess
 
-    rng = np.random.default_rng(seed)
-    # a photo-sized image so that resizing and cropping run as they would for a real one
-    image = Image.fromarray(rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8), "RGB")
     config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
-    if config.is_anyres:  # LLaVA-NeXT: the image's views and its own count of visual tokens
-        from mllm_deploy.runtime.anyres import anyres_pixels
+    height, width = 480, 640  # a photo-sized image so that resizing and cropping run as they would for a real one
+    vision = bundle.manifest["model"]["vision"]
+    if config.is_anyres:  # LLaVA-NeXT: the image's own count of visual tokens, from its size
+        from mllm_deploy.formats.image import anyres_feature_layout
 
-        vision = bundle.manifest["model"]["vision"]
-        pixels = anyres_pixels(image, config, vision["image_size"] // vision["patch_size"])
-        visual = pixels.visual_tokens
+        visual = anyres_feature_layout((height, width), config.image_grid_pinpoints, tile_size=config.tile_size,
+                                       patch_grid=vision["image_size"] // vision["patch_size"]).num_tokens
     else:
-        pixels, visual = preprocess(image, config), bundle.visual_tokens
+        visual = bundle.visual_tokens
     if prompt_tokens < visual + PREFIX_TOKENS + 1:
         raise MllmError(f"--prompt-tokens must be at least {visual + PREFIX_TOKENS + 1} for this bundle"
                         f" ({PREFIX_TOKENS} tokens before the {visual} image tokens and one after), got {prompt_tokens}")
@@ -69,9 +67,15 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
                         if i not in special and i != image_id and i < vocab_size)
     if not candidates:
         raise MllmError(f"{bundle.path}: the tokenizer has no non-special tokens to build a prompt from")
+    rng = np.random.default_rng(seed)
     ids = rng.choice(np.array(candidates, dtype=np.int64), size=prompt_tokens)
     ids[PREFIX_TOKENS:PREFIX_TOKENS + visual] = image_id
-    return ids[None], pixels
+    image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
+    if config.is_anyres:
+        from mllm_deploy.runtime.anyres import anyres_pixels
+
+        return ids[None], anyres_pixels(image, config, vision["image_size"] // vision["patch_size"])
+    return ids[None], preprocess(image, config)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
