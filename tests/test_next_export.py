@@ -126,3 +126,19 @@ def test_bench_mllm_runs_a_next_bundle(next_bundle):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)["results"][0]
     assert result["prefill_ms"]["median"] > 0 and len(result["kv_tokens_per_layer"]) == 4
+
+
+def test_tensorrt_profiles_size_the_image_run(next_bundle):
+    """build-mllm's profiles give the prefill's visual_len the range a NeXT image can take: from the base view alone
+    (every grid row unpadded away) to the largest bucket, and prompts as short as that."""
+    from mllm_deploy.trt.profiles import PRESETS, all_profiles, profile_settings
+
+    manifest = json.loads((next_bundle / "manifest.json").read_text())
+    settings = profile_settings(manifest, PRESETS["datacenter"])
+    profiles = all_profiles(manifest, settings)
+    low, opt, high = profiles["prefill"]["image_features"]
+    assert (low[1], opt[1], high[1]) == (64, 336, 336)  # 8x8 patches per view; 336 in the 2x2 bucket
+    assert settings.min_prompt_tokens == 65
+    from mllm_deploy.trt.profiles import graph_shape_values
+
+    assert graph_shape_values(manifest, "prefill", settings)["image_start"][2] == (settings.max_prompt_tokens - 64,)

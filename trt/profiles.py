@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from mllm_deploy.formats.manifest import GRAPHS  # the portable graphs: what TensorRT builds
 from mllm_deploy.core.errors import BundleError, MllmError
 
-PROFILE_DIM = re.compile(r"^(prefill_len|past_len_(\d+))$")
+PROFILE_DIM = re.compile(r"^(prefill_len|visual_len|past_len_(\d+))$")  # visual_len: LLaVA-NeXT
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def profile_settings(manifest: Mapping[str, Any], preset: Preset, *, max_prompt_
     new_max = max_new_tokens if max_new_tokens is not None else preset.max_new_tokens
     if new_max < 1:
         raise MllmError(f"--max-new-tokens must be at least 1, got {new_max}")
-    smallest = visual + 1  # the image run and one text token
+    smallest = fewest_visual_tokens(manifest) + 1  # the (shortest) image run and one text token
     prompt_max = max_prompt_tokens if max_prompt_tokens is not None else visual + preset.max_text_tokens
     prompt_max = min(prompt_max, context - new_max)
     if prompt_max < smallest:
@@ -77,6 +77,15 @@ def profile_settings(manifest: Mapping[str, Any], preset: Preset, *, max_prompt_
     prompt_opt = min(max(visual + preset.opt_text_tokens, smallest), prompt_max)
     return ProfileSettings(smallest, prompt_opt, prompt_max, min(preset.opt_new_tokens, new_max), new_max,
                            min(max(int(opt_image_start), 0), prompt_max - visual))
+
+
+def fewest_visual_tokens(manifest: Mapping[str, Any]) -> int:
+    """The shortest image run a prompt can hold: the bundle's fixed count, or for LLaVA-NeXT the base view alone
+    (an image so thin that unpadding leaves no grid row; formats/image.anyres_feature_layout)."""
+    if not manifest.get("image", {}).get("image_grid_pinpoints"):
+        return int(manifest["model"]["visual_tokens"])
+    vision = manifest["model"]["vision"]
+    return (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
 
 
 def kv_length(manifest: Mapping[str, Any], layer: int, prompt_tokens: int) -> int:
@@ -89,6 +98,9 @@ def dim_ranges(manifest: Mapping[str, Any], settings: ProfileSettings) -> dict[s
     """(min, opt, max) of every symbolic input dimension of the bundle's graphs."""
     s = settings
     ranges = {"prefill_len": (s.min_prompt_tokens, s.opt_prompt_tokens, s.max_prompt_tokens)}
+    if manifest.get("image", {}).get("image_grid_pinpoints"):  # LLaVA-NeXT: the image run follows the image
+        most = int(manifest["model"]["visual_tokens"])
+        ranges["visual_len"] = (fewest_visual_tokens(manifest), most, most)
     layers = int(manifest["model"]["text"]["num_layers"])
     skipped = set(manifest["recipe"].get("skip_attention", []))
     for layer in range(layers):
@@ -135,7 +147,7 @@ Values = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 def _image_start_values(manifest: Mapping[str, Any], settings: ProfileSettings) -> Values:
     """From the image first to everything but the image before it, in the longest prompt."""
-    latest = settings.max_prompt_tokens - int(manifest["model"]["visual_tokens"])
+    latest = settings.max_prompt_tokens - fewest_visual_tokens(manifest)  # a NeXT image may be the base view only
     return (0,), (min(settings.opt_image_start, latest),), (latest,)
 
 
