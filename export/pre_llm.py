@@ -20,20 +20,13 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from mllm_deploy.calib.pre_llm_reference import COSINE_EPS, dart_quota  # the reference's budget and epsilon
 from mllm_deploy.export import blocks
 from mllm_deploy.export.graph import GraphBuilder
 from mllm_deploy.formats.recipe_blocks import PreLlmStage
 
 KEPT_OUTPUT = "pre_llm.kept"
 F32_LOWEST = float(np.finfo(np.float32).min)
-COSINE_EPS = 1e-8
-
-
-def dart_quota(keep: int, pivots: int, sharers: int | None = None) -> list[int]:
-    """Tokens each pivot adds, in pivot order: keep - pivots in all, spread over ``sharers`` pivots (default all)."""
-    sharers = pivots if sharers is None else sharers
-    base, extra = divmod(keep - pivots, sharers)
-    return [base + (1 if i < extra else 0) for i in range(sharers)]
 
 
 def cls_scores(graph: GraphBuilder, probs: str, float_type: int) -> str:

@@ -48,6 +48,12 @@ class Bundle:
         return int(self.manifest["model"]["visual_tokens"])
 
     @property
+    def patch_grid(self) -> int:
+        """Patches per side of one vision-tower input (LLaVA-NeXT: of one AnyRes view)."""
+        vision = self.manifest["model"]["vision"]
+        return int(vision["image_size"]) // int(vision["patch_size"])
+
+    @property
     def visual_tokens_per_layer(self) -> list[int]:
         return [int(v) for v in self.manifest["recipe"]["visual_tokens"]]
 

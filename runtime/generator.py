@@ -102,10 +102,7 @@ class Generator:
                 out = self.runners["vision"].infer({"pixel_values": view[None].astype(self.float_dtype, copy=False)})
                 views.append(out["image_features"][0])
                 newline = out["image_newline"]
-            vision = self.bundle.manifest["model"]["vision"]
-            packed = pack_views(np.stack(views), pixel_values.layout, vision["image_size"] // vision["patch_size"],
-                                newline)
-            return packed[None]
+            return pack_views(np.stack(views), pixel_values.layout, self.bundle.patch_grid, newline)[None]
         out = self.runners["vision"].infer({"pixel_values": pixel_values.astype(self.float_dtype, copy=False)})
         return out["image_features"]
 

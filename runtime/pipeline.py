@@ -146,8 +146,7 @@ class Pipeline:
         if isinstance(image, (str, Path)):
             image = load_image(image)
         if self.image_config.is_anyres:  # LLaVA-NeXT: views and the packing layout
-            vision = self.bundle.manifest["model"]["vision"]
-            return anyres_pixels(image, self.image_config, vision["image_size"] // vision["patch_size"])
+            return anyres_pixels(image, self.image_config, self.bundle.patch_grid)
         return preprocess(image, self.image_config)
 
     def ask(

@@ -44,12 +44,11 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
 
     config = ImagePreprocessConfig.from_dict(bundle.manifest["image"])
     height, width = 480, 640  # a photo-sized image so that resizing and cropping run as they would for a real one
-    vision = bundle.manifest["model"]["vision"]
     if config.is_anyres:  # LLaVA-NeXT: the image's own count of visual tokens, from its size
         from mllm_deploy.formats.image import anyres_feature_layout
 
         visual = anyres_feature_layout((height, width), config.image_grid_pinpoints, tile_size=config.tile_size,
-                                       patch_grid=vision["image_size"] // vision["patch_size"]).num_tokens
+                                       patch_grid=bundle.patch_grid).num_tokens
     else:
         visual = bundle.visual_tokens
     if prompt_tokens < visual + PREFIX_TOKENS + 1:
@@ -74,7 +73,7 @@ def synthetic_inputs(bundle: Bundle, prompt_tokens: int, seed: int = 0) -> tuple
     if config.is_anyres:
         from mllm_deploy.runtime.anyres import anyres_pixels
 
-        return ids[None], anyres_pixels(image, config, vision["image_size"] // vision["patch_size"])
+        return ids[None], anyres_pixels(image, config, bundle.patch_grid)
     return ids[None], preprocess(image, config)
 
 
